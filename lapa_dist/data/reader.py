@@ -118,14 +118,20 @@ def parse_arrays(sample: RawSample, meta: ClipMeta) -> tuple[np.ndarray | None, 
     return actions, latents
 
 
+def decode_sample_frames(sample: RawSample, indices=None, size=None) -> np.ndarray:
+    """Decode frames of the sample's video; failures become BadSample (empty or undecodable)."""
+    try:
+        return decode_frames(sample.members[VIDEO_MEMBER], indices, size)
+    except VideoDecodeError as error:
+        reason = "empty_video" if error.frames_seen == 0 else "undecodable_video"
+        raise BadSample(sample.key, reason, str(error)) from None
+
+
 def decode_clip(sample: RawSample, indices=None, size=None) -> Clip:
     """Parse and decode a whole sample (all frames unless ``indices``); raises BadSample."""
     meta = parse_meta(sample)
     actions, latents = parse_arrays(sample, meta)
-    try:
-        frames = decode_frames(sample.members[VIDEO_MEMBER], indices, size)
-    except VideoDecodeError as error:
-        raise BadSample(sample.key, "undecodable_video", str(error)) from None
+    frames = decode_sample_frames(sample, indices, size)
     return Clip(key=sample.key, frames=frames, meta=meta, actions=actions, latents=latents)
 
 

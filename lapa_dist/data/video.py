@@ -18,6 +18,10 @@ CODECS = {"h264": "libx264", "vp9": "libvpx-vp9"}  # both stored in an MP4 conta
 class VideoDecodeError(ValueError):
     """The bytes are not a decodable video, or hold fewer frames than asked for."""
 
+    def __init__(self, message: str, frames_seen: int | None = None):
+        super().__init__(message)
+        self.frames_seen = frames_seen  # frames decoded before giving up; None if undecodable
+
 
 def encode_video(frames: np.ndarray, fps: float, codec: str = "h264", crf: int = 18) -> bytes:
     """Encode uint8 RGB frames [T, H, W, 3] (H, W even) as MP4 bytes holding H.264 or VP9."""
@@ -59,6 +63,8 @@ def decode_frames(
 ) -> np.ndarray:
     """Decode frames ``indices`` (sorted or not, repeats allowed; all when None) as uint8 RGB
     [len(indices), H, W, 3]. ``size`` = (width, height) resizes during colour conversion."""
+    if not video:
+        raise VideoDecodeError("empty video (0 bytes)", 0)
     wanted = None if indices is None else sorted(set(int(i) for i in indices))
     if wanted is not None and wanted and wanted[0] < 0:
         raise VideoDecodeError(f"negative frame index {wanted[0]}")
@@ -84,9 +90,9 @@ def decode_frames(
         raise VideoDecodeError(f"undecodable video: {error}") from error
     if wanted is None:
         if not decoded:
-            raise VideoDecodeError("video has no frames")
+            raise VideoDecodeError("video has no frames", 0)
         return np.stack([decoded[i] for i in range(len(decoded))])
     missing = [i for i in wanted if i not in decoded]
     if missing:
-        raise VideoDecodeError(f"video has {frames_seen} frames; frame {missing[0]} asked for")
+        raise VideoDecodeError(f"video has {frames_seen} frames; frame {missing[0]} asked for", frames_seen)
     return np.stack([decoded[int(i)] for i in indices]) if len(indices) else np.zeros((0,), np.uint8)
