@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from lapa_dist.data.clip_stream import ClipStream, Cursor
 from lapa_dist.data.config import DataConfig
 from lapa_dist.data.reader import BadSample
-from lapa_dist.data.samples import build_samples
+from lapa_dist.data.samples import FrameDecoder, PyAVDecoder, assemble_samples, plan_clip
 
 log = logging.getLogger(__name__)
 STATE_VERSION = 1
@@ -67,8 +67,9 @@ class BadDataTracker:
 class ReaderStream:
     """Reader ``reader`` of ``num_readers``: an endless iterator of batches with their positions."""
 
-    def __init__(self, config: DataConfig, reader: int, num_readers: int):
+    def __init__(self, config: DataConfig, reader: int, num_readers: int, decoder: FrameDecoder | None = None):
         self.config, self.reader = config, reader
+        self.decoder = decoder or PyAVDecoder()
         self.streams = [
             ClipStream(spec.path, index, config.seed, reader, num_readers) for index, spec in enumerate(config.datasets)
         ]
@@ -86,16 +87,22 @@ class ReaderStream:
     def _read_block(self, clip_iterators: list[Iterator]) -> list[dict]:
         rng = np.random.default_rng([self.config.seed, self.reader, self.block_id])
         choices = rng.choice(len(self.streams), self.config.shuffle_block_clips, p=self.probabilities)
-        samples: list[dict] = []
+        plans = []
         for dataset_index in choices.tolist():
             epoch, raw = next(clip_iterators[dataset_index])
             try:
                 if isinstance(raw, BadSample):
                     raise raw
-                samples.extend(build_samples(self.config, self.config.datasets[dataset_index], raw, epoch))
-                self.tracker.good()
+                plans.append(plan_clip(self.config, self.config.datasets[dataset_index], raw, epoch))
             except BadSample as bad:
                 self.tracker.record(bad)
+        samples: list[dict] = []
+        for plan, frames in zip(plans, self.decoder.decode(plans)):
+            if isinstance(frames, BadSample):
+                self.tracker.record(frames)
+            else:
+                self.tracker.good()
+                samples.extend(assemble_samples(self.config, plan, frames))
         return [samples[i] for i in rng.permutation(len(samples))]
 
     def samples(self) -> Iterator[tuple[dict, dict]]:

@@ -1,4 +1,9 @@
-"""From one raw clip to training samples: pick frame indices, decode once, crop, attach targets.
+"""From one raw clip to training samples, in three steps so that decoding can be batched:
+
+1. ``plan_clip``: parse and validate the clip, pick the start frames t and the frame indices to decode;
+2. a :class:`FrameDecoder` decodes the frames of a whole block of plans (PyAV one by one on CPU, or
+   DALI in one batch);
+3. ``assemble_samples``: crop/augment and attach instruction and targets.
 
 view "pairs": x_t, x_next = frame t + H, actions [H, action_dim] taking t to t + H, latents[t].
 view "frames": x_t with a per-frame target (actions[t] or latents[t]) for the VLA stages.
@@ -7,6 +12,8 @@ view "frames": x_t with a per-frame target (actions[t] or latents[t]) for the VL
 from __future__ import annotations
 
 import zlib
+from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
@@ -14,6 +21,38 @@ from lapa_dist.data.config import DataConfig, DatasetSpec
 from lapa_dist.data.format import ClipMeta
 from lapa_dist.data.reader import BadSample, RawSample, decode_sample_frames, parse_arrays, parse_meta
 from lapa_dist.data.transforms import decode_size, square_frames
+
+
+@dataclass
+class ClipPlan:
+    raw: RawSample
+    meta: ClipMeta
+    dataset: str
+    offset: int  # H in frames
+    starts: np.ndarray  # [k] sorted start frames t
+    indices: list[int]  # frames to decode: starts, then starts + H for pairs
+    size: tuple[int, int]  # (width, height) to decode at
+    rng: np.random.Generator
+    actions: np.ndarray | None
+    latents: np.ndarray | None
+
+
+class FrameDecoder(Protocol):
+    def decode(self, plans: list[ClipPlan]) -> list[np.ndarray | BadSample]:
+        """Frames [len(plan.indices), height, width, 3] uint8 for each plan, or why it failed."""
+
+
+class PyAVDecoder:
+    """CPU decoding, one clip at a time, in the loader worker."""
+
+    def decode(self, plans: list[ClipPlan]) -> list[np.ndarray | BadSample]:
+        results: list[np.ndarray | BadSample] = []
+        for plan in plans:
+            try:
+                results.append(decode_sample_frames(plan.raw, plan.indices, plan.size))
+            except BadSample as bad:
+                results.append(bad)
+        return results
 
 
 def clip_rng(seed: int, key: str, epoch: int) -> np.random.Generator:
@@ -32,8 +71,8 @@ def valid_starts(config: DataConfig, meta: ClipMeta, offset: int, num_latent_row
     return meta.num_frames
 
 
-def build_samples(config: DataConfig, spec: DatasetSpec, raw: RawSample, epoch: int) -> list[dict]:
-    """Samples of one clip (``samples_per_clip`` at most); raises BadSample for a bad clip."""
+def plan_clip(config: DataConfig, spec: DatasetSpec, raw: RawSample, epoch: int) -> ClipPlan:
+    """Parse, validate and choose frames; raises BadSample for a bad clip."""
     meta = parse_meta(raw)
     actions, latents = parse_arrays(raw, meta)
     offset = spec.offset_for(meta.fps)
@@ -48,22 +87,28 @@ def build_samples(config: DataConfig, spec: DatasetSpec, raw: RawSample, epoch: 
     starts = np.sort(rng.choice(num_starts, min(config.samples_per_clip, num_starts), replace=False))
     indices = np.concatenate([starts, starts + offset]) if config.view == "pairs" else starts
     size = decode_size(meta.width, meta.height, config.image_size, config.augment)
-    frames = decode_sample_frames(raw, indices.tolist(), size)  # [len(indices), h, w, 3]
+    return ClipPlan(raw, meta, spec.name, offset, starts, indices.tolist(), size, rng, actions, latents)
+
+
+def assemble_samples(config: DataConfig, plan: ClipPlan, frames: np.ndarray) -> list[dict]:
+    """Samples of one planned clip from its decoded frames [len(plan.indices), h, w, 3]."""
     samples = []
-    for i, t in enumerate(starts.tolist()):
-        common = {"instruction": meta.instruction, "key": raw.key, "dataset": spec.name, "t": t}
+    num_starts = len(plan.starts)
+    for i, t in enumerate(plan.starts.tolist()):
+        sample = {"instruction": plan.meta.instruction, "key": plan.raw.key, "dataset": plan.dataset, "t": t}
         if config.view == "pairs":
-            pair = square_frames(frames[[i, i + len(starts)]], config.image_size, config.augment, rng)
-            sample = {"x_t": pair[0], "x_next": pair[1], "offset": offset, **common}
-            if actions is not None:
-                sample["actions"] = actions[t : t + offset]  # [H, action_dim]
-            if latents is not None and t < latents.shape[0] and meta.latent_offset == offset:
+            pair = square_frames(frames[[i, i + num_starts]], config.image_size, config.augment, plan.rng)
+            sample.update(x_t=pair[0], x_next=pair[1], offset=plan.offset)
+            if plan.actions is not None:
+                sample["actions"] = plan.actions[t : t + plan.offset]  # [H, action_dim]
+            latents = plan.latents
+            if latents is not None and t < latents.shape[0] and plan.meta.latent_offset == plan.offset:
                 sample["latents"] = latents[t]
         else:
-            sample = {"x_t": square_frames(frames[i : i + 1], config.image_size, config.augment, rng)[0], **common}
+            sample["x_t"] = square_frames(frames[i : i + 1], config.image_size, config.augment, plan.rng)[0]
             if config.target == "actions":
-                sample["target"] = actions[t]
+                sample["target"] = plan.actions[t]
             elif config.target == "latents":
-                sample["target"] = latents[t]
+                sample["target"] = plan.latents[t]
         samples.append(sample)
     return samples
