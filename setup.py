@@ -11,6 +11,7 @@ INSTALL_REQUIRES = [
     "webdataset>=1.0",
     "av>=14",
     "pyarrow>=15",
+    "google-crc32c>=1.5",
     "pillow>=10",
     "deepspeed==0.19.8",
     "megatron-core==0.16.1",
