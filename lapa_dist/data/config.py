@@ -82,4 +82,8 @@ class DataConfig(StrictModel):
             raise ValueError(f"datasets: names must be unique, got {names}")
         if self.view == "pairs" and self.target != "none":
             raise ValueError("target applies to view 'frames' only")
+        if self.decoder == "dali" and self.num_workers:
+            # DALI runs its own threads (and CUDA), which cannot live in forked DataLoader workers;
+            # num_workers also fixes the reader layout, so it is not silently changed.
+            raise ValueError(f"decoder 'dali' decodes in the main process: set num_workers to 0 (got {self.num_workers})")
         return self

@@ -64,12 +64,21 @@ class BadDataTracker:
         self.clips, self.bad = state["clips"], Counter(state["bad"])
 
 
+def frame_decoder(config: DataConfig) -> FrameDecoder:
+    """The decoder ``config.decoder`` names; DALI (an optional dependency) is imported only then."""
+    if config.decoder == "dali":
+        from lapa_dist.data.dali_decoder import DaliDecoder
+
+        return DaliDecoder(config)
+    return PyAVDecoder()
+
+
 class ReaderStream:
     """Reader ``reader`` of ``num_readers``: an endless iterator of batches with their positions."""
 
     def __init__(self, config: DataConfig, reader: int, num_readers: int, decoder: FrameDecoder | None = None):
         self.config, self.reader = config, reader
-        self.decoder = decoder or PyAVDecoder()
+        self.decoder = decoder or frame_decoder(config)
         self.streams = [
             ClipStream(spec.path, index, config.seed, reader, num_readers) for index, spec in enumerate(config.datasets)
         ]
@@ -139,24 +148,33 @@ class ReaderStream:
 
 
 def collate(samples: list[dict]) -> dict:
-    """Stack a list of samples: frames -> uint8 [B, 3, S, S]; strings -> lists; optional arrays with a mask."""
-    batch: dict = {}
-    for name in ("x_t", "x_next"):
-        if name in samples[0]:
-            batch[name] = torch.from_numpy(np.stack([s[name] for s in samples])).permute(0, 3, 1, 2).contiguous()
+    """Stack samples in the form that crosses the worker -> main process boundary cheaply: all frames
+    in ONE uint8 tensor [B, F, S, S, 3] (F = 2 for pairs, 1 for frames; one shared-memory transfer)
+    and the small arrays as numpy (pickled inline); ``to_batch`` makes the user-facing batch."""
+    names = [name for name in ("x_t", "x_next") if name in samples[0]]
+    frames = np.stack([np.stack([s[name] for name in names]) for s in samples])
+    batch: dict = {"frames": torch.from_numpy(frames), "frame_names": names}
     for name in ("instruction", "key", "dataset"):
         batch[name] = [s[name] for s in samples]
-    batch["t"] = torch.tensor([s["t"] for s in samples])
+    batch["t"] = np.array([s["t"] for s in samples])
     if "offset" in samples[0]:
-        batch["offset"] = torch.tensor([s["offset"] for s in samples])
+        batch["offset"] = np.array([s["offset"] for s in samples])
     for name in ("actions", "latents", "target"):
         present = [s[name] for s in samples if name in s]
         if not present or len({a.shape for a in present}) != 1:
             continue  # absent, or shapes differ across the mixture: not batchable
-        mask = [name in s for s in samples]
         filler = np.zeros_like(present[0])
-        batch[name] = torch.from_numpy(np.stack([s.get(name, filler) for s in samples]))
-        batch[f"{name}_mask"] = torch.tensor(mask)
+        batch[name] = np.stack([s.get(name, filler) for s in samples])
+        batch[f"{name}_mask"] = np.array([name in s for s in samples])
+    return batch
+
+
+def to_batch(wire: dict) -> dict:
+    """The batch users see: x_t / x_next uint8 [B, 3, S, S] (channel-first views), arrays as tensors."""
+    frames = wire.pop("frames")
+    batch = {name: frames[:, i].permute(0, 3, 1, 2) for i, name in enumerate(wire.pop("frame_names"))}
+    for name, value in wire.items():
+        batch[name] = torch.from_numpy(value) if isinstance(value, np.ndarray) else value
     return batch
 
 
@@ -180,6 +198,10 @@ class VideoDataset(IterableDataset):
             yield batch
 
 
+def _identity(batch: dict) -> dict:
+    return batch
+
+
 class VideoLoader:
     """Iterable of batches for one rank, with ``state_dict()`` / ``load_state_dict()`` for checkpoints."""
 
@@ -198,8 +220,8 @@ class VideoLoader:
         rotation = self.batches_consumed % self.num_readers_per_rank
         dataset = VideoDataset(self.config, self.rank, self.world_size, dict(self.reader_states), rotation)
         workers = self.config.num_workers
-        loader = DataLoader(
-            dataset, batch_size=None, num_workers=workers, prefetch_factor=4 if workers else None,
+        loader = DataLoader(  # collate_fn=identity: batches are already collated (and must stay numpy)
+            dataset, batch_size=None, collate_fn=_identity, num_workers=workers, prefetch_factor=4 if workers else None,
             persistent_workers=False, multiprocessing_context="fork" if workers else None,
         )
         for batch in loader:
@@ -207,7 +229,7 @@ class VideoLoader:
             self.reader_states[reader] = batch.pop("loader_state")
             self.bad_clips[reader] = batch.pop("bad_clips")
             self.batches_consumed += 1
-            yield batch
+            yield to_batch(batch)
 
     def bad_counts(self) -> dict:
         """Clips read and bad clips by reason, summed over this rank's readers."""

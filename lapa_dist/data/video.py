@@ -1,12 +1,12 @@
 """Video encoding and CPU decoding with PyAV.
 
-Decoding reuses one VideoReformatter per clip (a fresh conversion context per frame is 1.5-5x
-slower), stops after the last wanted frame, and can resize in swscale while converting to RGB.
+Decoding reuses one VideoReformatter per process (a fresh conversion context costs ~1 ms), stops after the last wanted frame, and can resize in swscale while converting to RGB.
 """
 
 from __future__ import annotations
 
 import io
+import os
 from collections.abc import Sequence
 
 import av
@@ -56,6 +56,20 @@ def _rate(fps: float):
     return Fraction(fps).limit_denominator(1001)
 
 
+_REFORMATTERS: dict[int, av.video.reformatter.VideoReformatter] = {}
+
+
+def _reformatter() -> av.video.reformatter.VideoReformatter:
+    """One per process: it caches its swscale context, whose creation (~1 ms) costs more than
+    converting a whole short clip. Keyed by pid: a context inherited through fork deadlocks when
+    used or freed (its worker threads do not survive the fork), so a forked loader worker builds its
+    own and keeps the inherited one referenced, never freeing it."""
+    pid = os.getpid()
+    if pid not in _REFORMATTERS:
+        _REFORMATTERS[pid] = av.video.reformatter.VideoReformatter()
+    return _REFORMATTERS[pid]
+
+
 def decode_frames(
     video: bytes,
     indices: Sequence[int] | None = None,
@@ -73,7 +87,10 @@ def decode_frames(
         with av.open(io.BytesIO(video), mode="r") as container:
             if not container.streams.video:
                 raise VideoDecodeError("no video stream")
-            reformatter = av.video.reformatter.VideoReformatter()
+            # One thread per decoder: loaders run one decoder per core, and codec threads cost more
+            # to start than they save on the few frames decoded per clip (measured in docs/perf.md).
+            container.streams.video[0].thread_type = "NONE"
+            reformatter = _reformatter()
             width, height = size if size else (None, None)
             frames_seen = 0
             last = wanted[-1] if wanted else None

@@ -1,0 +1,1 @@
+"""Simulated environments shared by demo generation and closed-loop policy evaluation."""
