@@ -152,8 +152,14 @@ def collate(samples: list[dict]) -> dict:
     in ONE uint8 tensor [B, F, S, S, 3] (F = 2 for pairs, 1 for frames; one shared-memory transfer)
     and the small arrays as numpy (pickled inline); ``to_batch`` makes the user-facing batch."""
     names = [name for name in ("x_t", "x_next") if name in samples[0]]
-    frames = np.stack([np.stack([s[name] for name in names]) for s in samples])
-    batch: dict = {"frames": torch.from_numpy(frames), "frame_names": names}
+    frames = torch.empty((len(samples), len(names), *samples[0]["x_t"].shape), dtype=torch.uint8)  # [B, F, S, S, 3]
+    if get_worker_info() is not None:
+        frames.share_memory_()  # filled in place: the DataLoader then sends it without another copy
+    frames_view = frames.numpy()
+    for index, sample in enumerate(samples):
+        for position, name in enumerate(names):
+            frames_view[index, position] = sample[name]
+    batch: dict = {"frames": frames, "frame_names": names}
     for name in ("instruction", "key", "dataset"):
         batch[name] = [s[name] for s in samples]
     batch["t"] = np.array([s["t"] for s in samples])
@@ -223,8 +229,12 @@ class VideoLoader:
         loader = DataLoader(  # collate_fn=identity: batches are already collated (and must stay numpy)
             dataset, batch_size=None, collate_fn=_identity, num_workers=workers, prefetch_factor=4 if workers else None,
             persistent_workers=False, multiprocessing_context="fork" if workers else None,
+            # its own generator: starting workers must not draw from the global torch RNG, which the
+            # training step uses (a resumed run starts its loader at another point of that stream)
+            generator=torch.Generator().manual_seed(self.config.seed),
         )
-        for batch in loader:
+        loader_iter = iter(loader)  # a named local: tools/profile_data.py reads its worker pids
+        for batch in loader_iter:
             reader = batch.pop("reader")
             self.reader_states[reader] = batch.pop("loader_state")
             self.bad_clips[reader] = batch.pop("bad_clips")

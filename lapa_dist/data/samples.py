@@ -97,7 +97,7 @@ def assemble_samples(config: DataConfig, plan: ClipPlan, frames: np.ndarray) -> 
     for i, t in enumerate(plan.starts.tolist()):
         sample = {"instruction": plan.meta.instruction, "key": plan.raw.key, "dataset": plan.dataset, "t": t}
         if config.view == "pairs":
-            pair = square_frames(frames[[i, i + num_starts]], config.image_size, config.augment, plan.rng)
+            pair = square_frames(frames[i :: num_starts], config.image_size, config.augment, plan.rng)  # [2, S, S, 3]
             sample.update(x_t=pair[0], x_next=pair[1], offset=plan.offset)
             if plan.actions is not None:
                 sample["actions"] = plan.actions[t : t + plan.offset]  # [H, action_dim]

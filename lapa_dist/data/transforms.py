@@ -47,8 +47,9 @@ def color_jitter(frames: np.ndarray, augment: AugmentConfig, rng: np.random.Gene
 def square_frames(
     frames: np.ndarray, image_size: int, augment: AugmentConfig, rng: np.random.Generator
 ) -> np.ndarray:
-    """Decoded frames [k, H, W, 3] (shorter side >= image_size) -> [k, image_size, image_size, 3]."""
+    """Decoded frames [k, H, W, 3] (shorter side >= image_size) -> [k, image_size, image_size, 3].
+    Without augmentation the result is a view (collation copies it once, into the batch)."""
     if not augment.enabled:
-        return np.ascontiguousarray(crop_square(frames, image_size, None))
+        return crop_square(frames, image_size, None)
     cropped = crop_square(frames, image_size, rng)
     return color_jitter(cropped, augment, rng)

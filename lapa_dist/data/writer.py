@@ -104,10 +104,10 @@ class ShardWriter:
 
     def write_members(self, key: str, members: dict[str, bytes]) -> None:
         """Write a sample given as raw members (extension -> bytes); the json must hold num_frames."""
-        now = time.time()
+        now = int(time.time())
         for extension, data in members.items():
             info = tarfile.TarInfo(f"{key}.{extension}")
-            info.size, info.mtime, info.mode = len(data), now, 0o644
+            info.size, info.mtime, info.mode = len(data), now, 0o644  # int mtime: no pax header per member
             self._tar.addfile(info, io.BytesIO(data))
         self._keys.append(key)
         self._clip_frames.append(int(json.loads(members["json"])["num_frames"]))

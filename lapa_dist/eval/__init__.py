@@ -1,0 +1,1 @@
+"""Evaluation: reconstruction metrics, latent-action probes, closed-loop rollouts."""

@@ -1,0 +1,1 @@
+"""Process groups and the parallel layout; the one place that knows ranks."""

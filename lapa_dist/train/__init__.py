@@ -1,0 +1,1 @@
+"""Training: run directories, checkpoints, metrics, and one trainer per stage."""

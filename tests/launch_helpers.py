@@ -1,0 +1,55 @@
+"""Running launch/ scripts under the real deepspeed launcher with several CPU ranks (gloo)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DEEPSPEED = str(Path(sys.executable).with_name("deepspeed"))
+_next_port = [29700 + os.getpid() % 200]
+
+
+def free_port() -> int:
+    _next_port[0] += 1
+    return _next_port[0]
+
+
+def deepspeed_command(script: str, args: list[str], ranks: int) -> list[str]:
+    return [DEEPSPEED, "--num_gpus", str(ranks), "--master_port", str(free_port()), str(ROOT / script), *args]
+
+
+def environment() -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="offline", PYTHONPATH=str(ROOT))
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    return env
+
+
+def run_deepspeed(script: str, args: list[str], ranks: int, timeout: float = 600) -> subprocess.CompletedProcess:
+    result = subprocess.run(deepspeed_command(script, args, ranks), cwd=ROOT, env=environment(), capture_output=True,
+                            text=True, timeout=timeout)
+    if result.returncode != 0:
+        raise AssertionError(f"{script} failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}")
+    return result
+
+
+def run_until_then_kill(script: str, args: list[str], ranks: int, ready: Path, timeout: float = 600) -> None:
+    """Start the launcher, wait until ``ready`` exists, then kill -9 the whole process group."""
+    process = subprocess.Popen(deepspeed_command(script, args, ranks), cwd=ROOT, env=environment(),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + timeout
+    try:
+        while not ready.exists():
+            if process.poll() is not None:
+                raise AssertionError(f"{script} exited ({process.returncode}) before {ready} appeared")
+            if time.time() > deadline:
+                raise AssertionError(f"{ready} did not appear within {timeout} s")
+            time.sleep(0.2)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
