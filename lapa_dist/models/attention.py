@@ -27,20 +27,35 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0)
 
 
+def cross_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str) -> torch.Tensor:
+    """softmax(q·kᵀ)·v with no extra scale by kernels.cross_attention: Triton ("triton", or "auto" on CUDA) or
+    SDPA. q [B, H, L, Dh], k/v [B, H, S, Dh], S at most the kernel's MAX_KEYS for Triton."""
+    # Imported on first use, not with this module: Triton makes a kernel compiled or interpreted when it is
+    # defined (TRITON_INTERPRET), and a process may set TRITON_INTERPRET=1 after importing the model.
+    from kernels.cross_attention import cross_attention
+
+    return cross_attention(q, k, v, scale=1.0, backend=backend)
+
+
 class Attention(nn.Module):
     """Pre-norm multi-head attention with l2-normalised queries and keys and a learned per-head scale.
 
     Self-attention: keys and values come from the normalised input. Cross-attention (``cross=True``):
     keys and values come from the normalised ``context``, with ``num_null_kv`` learned key/value pairs
-    prepended so a query can attend to nothing.
+    prepended so a query can attend to nothing; it runs on ``cross_attention``, a kernels.cross_attention
+    backend ("auto", "triton" or "sdpa"), when it gets no bias.
     """
 
-    def __init__(self, dim: int, heads: int, dim_head: int, cross: bool = False, num_null_kv: int = 0):
+    def __init__(
+        self, dim: int, heads: int, dim_head: int, cross: bool = False, num_null_kv: int = 0,
+        cross_attention: str = "auto",
+    ):
         super().__init__()
         if num_null_kv and not cross:
             raise ValueError("null key/values are for cross-attention only")
         inner = heads * dim_head
         self.heads = heads
+        self.cross_attention = cross_attention if cross else None
         self.norm = nn.LayerNorm(dim)
         self.context_norm = nn.LayerNorm(dim) if cross else None
         self.to_q = nn.Linear(dim, inner, bias=False)
@@ -60,7 +75,10 @@ class Attention(nn.Module):
             k, v = torch.cat([null_k, k], dim=2), torch.cat([null_v, v], dim=2)
         q = F.normalize(q, dim=-1) * self.scale
         k = F.normalize(k, dim=-1)
-        out = attend(q, k, v, bias)  # [B, H, L, Dh]
+        if self.cross_attention is not None and bias is None:
+            out = cross_attend(q, k, v, self.cross_attention)  # [B, H, L, Dh]
+        else:
+            out = attend(q, k, v, bias)
         return self.to_out(out.transpose(1, 2).flatten(2))
 
     def _split_heads(self, t: torch.Tensor) -> torch.Tensor:
@@ -130,12 +148,15 @@ class Block(nn.Module):
 
     def __init__(
         self, dim: int, heads: int, dim_head: int, ff_mult: int, grid: tuple[int, ...],
-        cross: bool = False, num_null_kv: int = 0,
+        cross: bool = False, num_null_kv: int = 0, cross_attention: str = "auto",
     ):
         super().__init__()
         self.position = PositionGenerator(dim, grid)
         self.self_attn = Attention(dim, heads, dim_head)
-        self.cross_attn = Attention(dim, heads, dim_head, cross=True, num_null_kv=num_null_kv) if cross else None
+        self.cross_attn = (
+            Attention(dim, heads, dim_head, cross=True, num_null_kv=num_null_kv, cross_attention=cross_attention)
+            if cross else None
+        )
         self.ff = FeedForward(dim, ff_mult)
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None, context: torch.Tensor | None) -> torch.Tensor:
@@ -148,15 +169,16 @@ class Block(nn.Module):
 
 class Transformer(nn.Module):
     """``depth`` blocks on a fixed token grid, then a LayerNorm. ``bias`` [H, N, N] is shared by all
-    blocks; ``context`` [B, S, D] is attended to by every block when ``cross``."""
+    blocks; ``context`` [B, S, D] is attended to by every block when ``cross``, on the ``cross_attention``
+    backend."""
 
     def __init__(
         self, depth: int, dim: int, heads: int, dim_head: int, ff_mult: int, grid: tuple[int, ...],
-        cross: bool = False, num_null_kv: int = 0,
+        cross: bool = False, num_null_kv: int = 0, cross_attention: str = "auto",
     ):
         super().__init__()
         self.blocks = nn.ModuleList(
-            Block(dim, heads, dim_head, ff_mult, grid, cross, num_null_kv) for _ in range(depth)
+            Block(dim, heads, dim_head, ff_mult, grid, cross, num_null_kv, cross_attention) for _ in range(depth)
         )
         self.norm_out = nn.LayerNorm(dim)
 

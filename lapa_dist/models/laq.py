@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +48,18 @@ def reducer_plan(grid: int, code_side: int) -> tuple[int, int]:
         f"the {grid}×{grid} patch grid cannot be reduced to {code_side}×{code_side} codes: stride-2 convs "
         f"take it to {size}×{size}, which is neither {code_side} nor {code_side + 2}"
     )
+
+
+class KernelsConfig(StrictModel):
+    """Implementations of NSVQ and the decoder's cross-attention: Triton kernels or their PyTorch references
+    (kernels/; same math, the kernels are fused). Triton runs on CUDA, or on CPU under TRITON_INTERPRET=1."""
+
+    nsvq: Literal["triton", "torch"] = "triton"
+    """Training-mode NSVQ: "triton" runs the fused kernels where Triton can run and the PyTorch reference
+    elsewhere (so also on a plain CPU); "torch" always runs the reference."""
+    cross_attention: Literal["auto", "triton", "sdpa"] = "auto"
+    """Decoder cross-attention: "auto" is Triton on CUDA when the keys (code_seq_len + num_null_kv) fit the
+    kernel, SDPA otherwise; "triton" always the kernel (an error where it cannot run); "sdpa" torch SDPA."""
 
 
 class LAQModelConfig(StrictModel):
@@ -84,6 +97,8 @@ class LAQModelConfig(StrictModel):
     """Quantizer noise, dead-code replacement threshold, noise and schedule."""
     predict_residual: bool = False
     """Decoder predicts x_next − x_t (output layer zero-initialised) instead of x_next (reference)."""
+    kernels: KernelsConfig = Field(default_factory=KernelsConfig)
+    """Triton kernels or PyTorch references for NSVQ and the decoder's cross-attention."""
 
     @field_validator("patch_size")
     @classmethod
@@ -196,11 +211,14 @@ class LAQ(nn.Module):
         self.temporal = Transformer(c.temporal_depth, grid=(2,), **width)
         self.to_quant = nn.Linear(c.dim, c.quant_dim)
         self.reducer = GridReducer(c.quant_dim, c.grid_size, math.isqrt(c.code_seq_len))
-        self.quantizer = NSVQ(c.codebook_size, c.quant_dim, c.nsvq)
+        self.quantizer = NSVQ(c.codebook_size, c.quant_dim, c.nsvq, backend=c.kernels.nsvq)
         self.from_quant = nn.Linear(c.quant_dim, c.dim)
         # tells the decoder which slot a code is in, so the code_seq_len codes are a sequence, not a set
         self.action_position = nn.Parameter(0.02 * torch.randn(c.code_seq_len, c.dim))
-        self.decoder = Transformer(c.decoder_depth, grid=grid, cross=True, num_null_kv=c.num_null_kv, **width)
+        self.decoder = Transformer(
+            c.decoder_depth, grid=grid, cross=True, num_null_kv=c.num_null_kv,
+            cross_attention=c.kernels.cross_attention, **width,
+        )
         self.to_pixels = nn.Linear(c.dim, c.channels * c.patch_size**2)
         if c.predict_residual:
             nn.init.zeros_(self.to_pixels.weight)

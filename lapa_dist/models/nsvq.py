@@ -3,6 +3,8 @@
 In training the quantized vector is z + (‖z − q‖/‖r‖ + eps)·r with r ~ N(0, I): noise as large as
 the quantization error, so gradients reach both the encoder (through z) and the codebook (through
 ‖z − q‖) with no straight-through estimator, commitment or codebook loss. In eval it is q itself.
+The training formula is kernels.nsvq's, run by its PyTorch reference or its fused Triton kernels
+(``backend``, chosen in the model config's ``kernels`` section).
 
 Replacement is split so that data parallelism stays outside the model: forward counts code uses into
 the ``usage`` buffer; the trainer sums the counts over ranks, calls the pure ``replacement`` with a
@@ -73,11 +75,16 @@ class NSVQOutput:
 
 
 class NSVQ(nn.Module):
-    """Nearest-code quantizer of z [B, n, quant_dim] over ``codebook`` [codebook_size, quant_dim]."""
+    """Nearest-code quantizer of z [B, n, quant_dim] over ``codebook`` [codebook_size, quant_dim].
 
-    def __init__(self, codebook_size: int, quant_dim: int, config: NSVQConfig):
+    ``backend``: kernels.nsvq's backend for the training forward, "torch" (the reference) or "triton"
+    (the fused kernels where Triton can run, the reference elsewhere).
+    """
+
+    def __init__(self, codebook_size: int, quant_dim: int, config: NSVQConfig, backend: str = "torch"):
         super().__init__()
         self.config = config
+        self.backend = backend
         self.codebook = nn.Parameter(torch.randn(codebook_size, quant_dim))
         # uses of each code in training forwards since the last install_codebook (checkpointed)
         self.register_buffer("usage", torch.zeros(codebook_size, dtype=torch.long))
@@ -91,18 +98,30 @@ class NSVQ(nn.Module):
             return distances.argmin(dim=-1)
 
     def forward(self, z: torch.Tensor) -> NSVQOutput:
-        code_indices = self.nearest(z)  # [B, n]
-        q = self.codebook[code_indices].to(z.dtype)  # [B, n, quant_dim]
+        if self.training:
+            quantized, code_indices = self.substitute_noise(z)
+        else:
+            code_indices = self.nearest(z)
+            quantized = self.codebook[code_indices].to(z.dtype)
         flat = code_indices.flatten()
         code_counts = torch.zeros_like(self.usage).index_add_(0, flat, torch.ones_like(flat))  # no host sync
-        error_norm = (z - q).norm(dim=-1, keepdim=True)  # [B, n, 1]
-        quantization_error = error_norm.detach().mean()
-        if not self.training:
-            return NSVQOutput(q, code_indices, code_counts, quantization_error)
-        self.usage += code_counts
-        r = torch.randn_like(z)  # on z's device, torch's RNG
-        quantized = z + (error_norm / r.norm(dim=-1, keepdim=True) + self.config.eps) * r
+        if self.training:
+            self.usage += code_counts
+        with torch.no_grad():
+            quantization_error = (z - self.codebook[code_indices].to(z.dtype)).norm(dim=-1).mean()
         return NSVQOutput(quantized, code_indices, code_counts, quantization_error)
+
+    def substitute_noise(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """z + (‖z − q‖/‖r‖ + eps)·r, r ~ N(0, I) from torch's RNG: [B, n, quant_dim] -> (same, indices [B, n])."""
+        # Imported on first use, not with this module: Triton makes a kernel compiled or interpreted when it is
+        # defined (TRITON_INTERPRET), and a process may set TRITON_INTERPRET=1 after importing the model.
+        from kernels.nsvq import nsvq
+
+        r = torch.randn_like(z)  # on z's device
+        quantized, code_indices = nsvq(
+            z.flatten(0, -2), self.codebook, r.flatten(0, -2), self.config.eps, backend=self.backend
+        )
+        return quantized.view(z.shape), code_indices.view(z.shape[:-1])
 
     @torch.no_grad()
     def replacement(

@@ -40,5 +40,8 @@ class TrainConfig(StrictModel):
     """Keep an exponential moving average of the weights (used for labelling when present)."""
 
 
-RESUMABLE_CHANGES = ("train.steps", "train.save_every", "train.keep_checkpoints", "logging", "data.num_workers")
+RESUMABLE_CHANGES = (
+    "train.steps", "train.save_every", "train.keep_checkpoints", "logging", "data.num_workers",
+    "model.kernels",  # same maths, another implementation
+)
 """Config keys a re-run on an existing run directory may change (everything else must match)."""
