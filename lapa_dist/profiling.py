@@ -3,7 +3,8 @@
 A step is split into consecutive phases (data wait, host-to-device, forward, backward, optimizer), timed
 with CUDA events on a GPU (one synchronize per step) and with perf_counter on CPU; the step time is the
 wall clock of the whole step, so the phases sum to it. FLOPs are counted, not estimated: torch's
-FlopCounterMode over one real training step (matmuls, convolutions, attention), divided by the batch.
+FlopCounterMode over the first warm-up step (matmuls, convolutions, attention; attention on SDPA for that
+step, as the Triton and flash-attn kernels are invisible to it), divided by the batch.
 MFU is achieved FLOP/s over the device's dense peak for the matmul precision in use (a small table of
 datasheet numbers below; None where the device is not in it, e.g. any CPU).
 
@@ -15,6 +16,7 @@ Profiling is single-process: there is no gradient communication, and the breakdo
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import itertools
 import os
@@ -104,6 +106,22 @@ def count_flops(function: Callable[[], object]) -> tuple[int, object]:
     with FlopCounterMode(display=False, custom_mapping=FLOP_FORMULAS) as counter:
         value = function()
     return counter.get_total_flops(), value
+
+
+@contextlib.contextmanager
+def countable_attention(model: torch.nn.Module) -> Iterator[None]:
+    """Inside: attention runs on torch SDPA. FlopCounterMode cannot see the Triton cross-attention kernel
+    (kernels.cross_attention "auto" on CUDA) or flash_attn_func; SDPA does the same FLOPs and is counted."""
+    cross = [m for m in model.modules() if isinstance(m, attention.Attention) and m.cross_attention is not None]
+    backends = [m.cross_attention for m in cross]
+    for module in cross:
+        module.cross_attention = "sdpa"
+    try:
+        with mock.patch.object(attention, "flash_attn_func", None):
+            yield
+    finally:
+        for module, backend in zip(cross, backends):
+            module.cross_attention = backend
 
 
 class PhaseClock:
@@ -255,9 +273,7 @@ def profile_laq(config: LAQRunConfig, steps: int, warmup: int, with_data: bool =
     def step() -> dict[str, float]:
         return timed_train_step(model, optimizer, batches, config.optim.grad_clip, dtype, clock)
 
-    # flash_attn_func (CUDA, half precision) is an extension FlopCounterMode cannot see; the counting step
-    # routes attention through SDPA instead, which does the same FLOPs and is counted.
-    with mock.patch.object(attention, "flash_attn_func", None):
+    with countable_attention(model):
         flops_per_step, _ = count_flops(step)
     for _ in range(warmup - 1):
         step()
