@@ -10,8 +10,8 @@ so no tensor is permuted.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import torch
 from safetensors import safe_open
@@ -114,7 +114,7 @@ def load_hf_checkpoint(model: nn.Module, path: str | Path, tp_rank: int = 0, tp_
     loaded = set()
     for file in checkpoint_files(path):
         with safe_open(file, framework="pt") as reader:
-            for hf_name in reader.keys():
+            for hf_name in reader.keys():  # noqa: SIM118 (safe_open is not iterable)
                 name = from_hf_name(hf_name)
                 if name is None or (name == "lm_head.weight" and name not in params):
                     continue  # a tied checkpoint may still store the head

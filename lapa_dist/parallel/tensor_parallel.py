@@ -23,10 +23,14 @@ import torch
 import torch.distributed as dist
 from megatron.core import ModelParallelConfig
 from megatron.core.tensor_parallel import (
-    ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, vocab_parallel_cross_entropy,
+    ColumnParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    vocab_parallel_cross_entropy,
 )
 from megatron.core.tensor_parallel.layers import (
-    copy_tensor_model_parallel_attributes, set_tensor_model_parallel_attributes,
+    copy_tensor_model_parallel_attributes,
+    set_tensor_model_parallel_attributes,
 )
 from torch import nn
 
@@ -98,7 +102,7 @@ def _parallel_module(leaf: str, plain: nn.Module, layout: ParallelLayout) -> nn.
     weight = plain.weight
     config = ModelParallelConfig(tensor_model_parallel_size=layout.tp, use_cpu_initialization=True,
                                  perform_initialization=False, params_dtype=weight.dtype)
-    common = dict(config=config, init_method=None, tp_group=layout.tp_group)  # init_method: never called
+    common = {"config": config, "init_method": None, "tp_group": layout.tp_group}  # init_method: never called
     with torch.device(weight.device):
         if leaf in VOCAB_PARALLEL:
             module, dim = VocabParallelEmbedding(plain.num_embeddings, plain.embedding_dim, **common), 0

@@ -19,11 +19,21 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from lapa_dist.models.hf_llama import config_from_hf, load_hf_checkpoint, save_hf_checkpoint
+from lapa_dist.models.hf_llama import (
+    config_from_hf,
+    load_hf_checkpoint,
+    save_hf_checkpoint,
+)
 from lapa_dist.models.llama import Llama, LlamaConfig
 from lapa_dist.parallel.distributed import init_distributed
 from lapa_dist.parallel.layout import ParallelLayout
-from lapa_dist.parallel.tensor_parallel import full_state_dict, gather_tp, materialize, parallelize, partition_dim
+from lapa_dist.parallel.tensor_parallel import (
+    full_state_dict,
+    gather_tp,
+    materialize,
+    parallelize,
+    partition_dim,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
