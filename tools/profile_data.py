@@ -94,7 +94,7 @@ def measure_loader(config: DataConfig, workers: int, seconds: float) -> dict:
     loader = VideoLoader(config.model_copy(update={"num_workers": workers}))
     iterator = iter(loader)
     next(iterator)  # start-up (worker fork, first block) is not throughput
-    worker_pids = [w.pid for w in getattr(iterator.gi_frame.f_locals.get("loader_iter"), "_workers", [])]
+    worker_pids = loader.worker_pids
     cpu_start = time.process_time() + sum(process_cpu_seconds(pid) for pid in worker_pids)
     pairs, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:

@@ -221,6 +221,7 @@ class VideoLoader:
         self.batches_consumed = 0
         self.reader_states: dict[int, dict] = {}
         self.bad_clips: dict[int, dict] = {}
+        self.worker_pids: list[int] = []  # of the current iteration's DataLoader workers (for profiling)
 
     def __iter__(self) -> Iterator[dict]:
         rotation = self.batches_consumed % self.num_readers_per_rank
@@ -233,7 +234,8 @@ class VideoLoader:
             # training step uses (a resumed run starts its loader at another point of that stream)
             generator=torch.Generator().manual_seed(self.config.seed),
         )
-        loader_iter = iter(loader)  # a named local: tools/profile_data.py reads its worker pids
+        loader_iter = iter(loader)
+        self.worker_pids = [worker.pid for worker in getattr(loader_iter, "_workers", [])]
         for batch in loader_iter:
             reader = batch.pop("reader")
             self.reader_states[reader] = batch.pop("loader_state")
