@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 
@@ -53,3 +54,13 @@ def test_saved_config_reloads_identically(tmp_path):
     config = load_config(DataConfig, write(tmp_path, VALID), ["seed=7"])
     path = save_config(config, tmp_path / "run")
     assert load_config(DataConfig, str(path)) == config
+
+
+def test_laq_run_configs_load_and_cross_field_errors():
+    from lapa_dist.train.laq import LAQRunConfig
+
+    configs = Path(__file__).resolve().parent.parent / "configs" / "laq"
+    for name in ("tiny", "metaworld", "paper"):
+        load_config(LAQRunConfig, configs / f"{name}.json")
+    with pytest.raises(ConfigError, match="ema_decay needs whole parameters"):
+        load_config(LAQRunConfig, configs / "metaworld.json", ["deepspeed.zero_stage=3"])

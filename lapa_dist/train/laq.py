@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterator
 
 import torch
+from pydantic import model_validator
 
 from lapa_dist.config import StrictModel
 from lapa_dist.data.config import DataConfig
@@ -46,6 +47,12 @@ class LAQRunConfig(StrictModel):
     deepspeed: DeepSpeedConfig = DeepSpeedConfig()
     train: TrainConfig = TrainConfig()
     logging: LoggingConfig = LoggingConfig()
+
+    @model_validator(mode="after")
+    def _ema_needs_whole_parameters(self) -> "LAQRunConfig":
+        if self.train.ema_decay and self.deepspeed.zero_stage == 3:
+            raise ValueError("train.ema_decay needs whole parameters: use deepspeed.zero_stage <= 2 or no EMA")
+        return self
 
 
 def load_trained_laq(run_dir: str, device: torch.device, tag: str | None = None,
@@ -100,8 +107,6 @@ class LAQTrainer:
     def __init__(self, config: LAQRunConfig, run_dir: str):
         self.config = config
         self.ctx: DistributedContext = init_distributed()
-        if config.train.ema_decay and config.deepspeed.zero_stage == 3:
-            raise ValueError("train.ema_decay: EMA needs whole parameters; use deepspeed.zero_stage <= 2")
         self.run_dir = RunDir(run_dir)
         self.run_dir.prepare(config, self.ctx.is_main, RESUMABLE_CHANGES)
         torch.manual_seed(config.train.seed)  # identical initial weights on every rank
