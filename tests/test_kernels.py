@@ -27,7 +27,6 @@ from kernels.cross_attention import (
     cross_attention,
     cross_attention_reference,
     cross_attention_triton,
-    cross_attention_triton_available,
 )
 from kernels.nsvq import (
     nsvq,
@@ -36,16 +35,11 @@ from kernels.nsvq import (
     nsvq_triton_available,
     rows_per_program,
 )
+from tests.kernel_device import kernel_test_device
 from tools import bench_kernels
 
 CPU = torch.device("cpu")
-if nsvq_triton_available(CPU) and cross_attention_triton_available(CPU):
-    DEVICE = CPU  # interpreted kernels
-elif nsvq_triton_available(torch.device("cuda")) and cross_attention_triton_available(torch.device("cuda")):
-    DEVICE = torch.device("cuda")  # compiled kernels: TRITON_INTERPRET=0 on a GPU machine
-else:
-    raise RuntimeError("the kernels are compiled but there is no GPU: they were imported before TRITON_INTERPRET=1 "
-                       "was set (run tests/test_kernels.py first or on its own) or TRITON_INTERPRET=0 was given")
+DEVICE = kernel_test_device()  # CPU when interpreted, CUDA when compiled (TRITON_INTERPRET=0 on a GPU machine)
 
 EPS = 1e-12
 

@@ -22,19 +22,12 @@ pytest.importorskip("triton")
 
 import torch
 
-from kernels.cross_attention import cross_attention_triton_available
-from kernels.nsvq import nsvq_triton_available
 from lapa_dist.config import ConfigError, build_config
 from lapa_dist.models.laq import LAQ, LAQModelConfig
+from tests.kernel_device import kernel_test_device
 
 CPU = torch.device("cpu")
-if nsvq_triton_available(CPU) and cross_attention_triton_available(CPU):
-    DEVICE = CPU  # interpreted kernels
-elif nsvq_triton_available(torch.device("cuda")) and cross_attention_triton_available(torch.device("cuda")):
-    DEVICE = torch.device("cuda")  # compiled kernels: TRITON_INTERPRET=0 on a GPU machine
-else:
-    raise RuntimeError("the kernels are compiled but there is no GPU: they were imported before TRITON_INTERPRET=1 "
-                       "was set, or TRITON_INTERPRET=0 was given")
+DEVICE = kernel_test_device()  # CPU when interpreted, CUDA when compiled (TRITON_INTERPRET=0 on a GPU machine)
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "laq"
 TINY = json.loads((CONFIGS / "tiny.json").read_text())
