@@ -60,8 +60,9 @@ def encode_clip(model: LAQ, frames: torch.Tensor, offset: int, batch_size: int, 
     return torch.cat(codes).numpy().astype(np.int16)
 
 
-def label_shard(model: LAQ, config: LabelConfig, input_path: Path, output_path: Path, device: torch.device,
-                problems: Counter) -> None:
+def label_shard(
+    model: LAQ, config: LabelConfig, input_path: Path, output_path: Path, device: torch.device, problems: Counter
+) -> None:
     image_size = model.config.image_size
     with ShardWriter(output_path) as writer:
         for sample in iter_raw_samples(input_path):
@@ -84,13 +85,16 @@ def label_shard(model: LAQ, config: LabelConfig, input_path: Path, output_path: 
                 if meta is not None:  # a readable clip is copied unchanged, without latents
                     writer.write_members(sample.key, members)
                 continue
-            members["json"] = meta.model_copy(update={"latent_offset": offset}).model_dump_json(exclude_none=True).encode()
+            members["json"] = (
+                meta.model_copy(update={"latent_offset": offset}).model_dump_json(exclude_none=True).encode()
+            )
             members["latents.npy"] = npy_bytes(latents)
             writer.write_members(sample.key, members)
 
 
-def label_shard_set(model: LAQ, config: LabelConfig, input_dir: Path, output_dir: Path, rank: int, world_size: int,
-                    device: torch.device) -> Counter:
+def label_shard_set(
+    model: LAQ, config: LabelConfig, input_dir: Path, output_dir: Path, rank: int, world_size: int, device: torch.device
+) -> Counter:
     """Label this rank's shards (shard i -> rank i % world_size); returns the problems met."""
     manifest = Manifest.read(input_dir)
     output_dir.mkdir(parents=True, exist_ok=True)

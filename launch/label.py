@@ -16,8 +16,8 @@ from pathlib import Path
 from lapa_dist.config import ConfigError, add_config_arguments, config_from_args
 from lapa_dist.data.format import Manifest
 from lapa_dist.labelling import LabelConfig, label_shard_set, latent_distribution
-from lapa_dist.train.laq import load_trained_laq
 from lapa_dist.parallel.distributed import barrier, gather_objects, init_distributed
+from lapa_dist.train.laq import load_trained_laq
 
 
 def main(argv=None) -> int:
@@ -42,7 +42,9 @@ def main(argv=None) -> int:
     all_problems = sum(gather_objects(problems), Counter())
     barrier()
     if ctx.is_main:
-        Manifest.gather(Path(args.output), source=f"labelled:{Manifest.read(args.input).source}").write(Path(args.output))
+        Manifest.gather(Path(args.output), source=f"labelled:{Manifest.read(args.input).source}").write(
+            Path(args.output)
+        )
         stats = latent_distribution(Path(args.output))
         stats["problems_this_run"] = dict(all_problems)
         (Path(args.output) / "label_stats.json").write_text(json.dumps(stats, indent=1))

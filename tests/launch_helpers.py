@@ -30,17 +30,31 @@ def environment() -> dict:
 
 
 def run_deepspeed(script: str, args: list[str], ranks: int, timeout: float = 600) -> subprocess.CompletedProcess:
-    result = subprocess.run(deepspeed_command(script, args, ranks), cwd=ROOT, env=environment(), capture_output=True,
-                            text=True, timeout=timeout)
+    result = subprocess.run(
+        deepspeed_command(script, args, ranks),
+        cwd=ROOT,
+        env=environment(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     if result.returncode != 0:
-        raise AssertionError(f"{script} failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}")
+        raise AssertionError(
+            f"{script} failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}"
+        )
     return result
 
 
 def run_until_then_kill(script: str, args: list[str], ranks: int, ready: Path, timeout: float = 600) -> None:
     """Start the launcher, wait until ``ready`` exists, then kill -9 the whole process group."""
-    process = subprocess.Popen(deepspeed_command(script, args, ranks), cwd=ROOT, env=environment(),
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    process = subprocess.Popen(
+        deepspeed_command(script, args, ranks),
+        cwd=ROOT,
+        env=environment(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline = time.time() + timeout
     try:
         while not ready.exists():

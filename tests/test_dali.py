@@ -23,15 +23,23 @@ H = 5
 
 def config(path, **overrides) -> DataConfig:
     base = {
-        "datasets": [{"name": "d", "path": str(path), "offset_frames": H}], "image_size": 32, "batch_size": 4,
-        "num_workers": 0, "samples_per_clip": 3, "shuffle_block_clips": 3, "decoder": "dali", "dali_device": "cpu",
+        "datasets": [{"name": "d", "path": str(path), "offset_frames": H}],
+        "image_size": 32,
+        "batch_size": 4,
+        "num_workers": 0,
+        "samples_per_clip": 3,
+        "shuffle_block_clips": 3,
+        "decoder": "dali",
+        "dali_device": "cpu",
     }
     return DataConfig(**{**base, **overrides})
 
 
 @pytest.fixture(scope="module")
 def vp9_set(tmp_path_factory):
-    return index_set(tmp_path_factory.mktemp("dali") / "vp9", num_shards=2, clips_per_shard=3, num_frames=14, codec="vp9")
+    return index_set(
+        tmp_path_factory.mktemp("dali") / "vp9", num_shards=2, clips_per_shard=3, num_frames=14, codec="vp9"
+    )
 
 
 def smooth_clip(key: str, num_frames: int, height: int, width: int) -> Clip:
@@ -42,8 +50,9 @@ def smooth_clip(key: str, num_frames: int, height: int, width: int) -> Clip:
     green = 128 + 100 * np.cos(2 * np.pi * (1.5 * yy - t))
     blue = np.broadcast_to(128 + 80 * np.sin(2 * np.pi * (xx + yy)), red.shape)
     frames = np.clip(np.stack([red, green, blue], -1), 0, 255).astype(np.uint8)
-    meta = ClipMeta(instruction="", fps=10, num_frames=num_frames, width=width, height=height, source="test",
-                    episode_id=key)
+    meta = ClipMeta(
+        instruction="", fps=10, num_frames=num_frames, width=width, height=height, source="test", episode_id=key
+    )
     return Clip(key=key, frames=frames, meta=meta)
 
 
@@ -65,8 +74,9 @@ def test_reader_stream_frame_indices_exact(vp9_set):
 
 
 def test_unsorted_repeated_indices_match_pyav(vp9_set, tmp_path):
-    smooth_set = write_set(tmp_path / "smooth", [[smooth_clip("s0", 12, 96, 128), smooth_clip("s1", 12, 64, 64)]],
-                           codec="vp9")
+    smooth_set = write_set(
+        tmp_path / "smooth", [[smooth_clip("s0", 12, 96, 128), smooth_clip("s1", 12, 64, 64)]], codec="vp9"
+    )
     cfg = config(vp9_set, image_size=64, shuffle_block_clips=4)
     plans = plans_of(cfg, vp9_set)[:2] + plans_of(cfg, smooth_set)
     plans = [dataclasses.replace(plan, indices=[9, 2, 9, 0, 11, 2]) for plan in plans]
@@ -96,8 +106,9 @@ def test_bad_clip_fails_alone_in_its_block(tmp_path):
     cfg = config(shard_set, shuffle_block_clips=4)
     plans = plans_of(cfg, shard_set)
     results = DaliDecoder(cfg).decode(plans)
-    outcome = {plan.raw.key: result.reason if isinstance(result, BadSample) else "ok" for plan, result in
-               zip(plans, results)}
+    outcome = {
+        plan.raw.key: result.reason if isinstance(result, BadSample) else "ok" for plan, result in zip(plans, results)
+    }
     assert outcome == {"good0": "ok", "garbage": "undecodable_video", "short": "undecodable_video", "good1": "ok"}
     assert "out-of-bounds frame index" in results[2].detail
 

@@ -91,8 +91,9 @@ def test_actions_over_offset_sums_the_h_steps():
 def test_pooled_reconstruction_metrics_equal_one_big_batch():
     generator = torch.Generator().manual_seed(0)
     x_t = torch.rand(23, 3, 8, 8, generator=generator)
-    x_next = torch.where(torch.rand(23, 1, 8, 8, generator=generator) < 0.2,
-                         torch.rand(23, 3, 8, 8, generator=generator), x_t)
+    x_next = torch.where(
+        torch.rand(23, 1, 8, 8, generator=generator) < 0.2, torch.rand(23, 3, 8, 8, generator=generator), x_t
+    )
     prediction = x_next + 0.1 * torch.randn(23, 3, 8, 8, generator=generator)
     pooled = pooled_reconstruction_metrics(x_t, x_next, prediction, batch_size=5)
     whole = {name: float(value) for name, value in reconstruction_metrics(x_t, x_next, prediction).items()}
@@ -102,10 +103,19 @@ def test_pooled_reconstruction_metrics_equal_one_big_batch():
 
 
 def run_python(script: str, *args: str) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, str(ROOT / script), *args], check=False, cwd=ROOT, env=environment(),
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / script), *args],
+        check=False,
+        cwd=ROOT,
+        env=environment(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     if result.returncode != 0:
-        raise AssertionError(f"{script} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-4000:]}")
+        raise AssertionError(
+            f"{script} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-4000:]}"
+        )
     return result
 
 
@@ -115,10 +125,28 @@ def laq_and_shards(tmp_path_factory) -> tuple[Path, Path, Path]:
     root = tmp_path_factory.mktemp("laq_report")
     sprites, run_dir, labelled = root / "sprites", root / "run", root / "labelled"
     convert(SpriteSource(clips=16, num_frames=16, size=32), sprites, units_per_shard=4, progress=False)
-    run_python("launch/train_laq.py", "--config", TINY, "--run-dir", str(run_dir),
-               "--set", f"data.datasets.0.path={sprites}", "--set", "train.steps=40")
-    run_python("launch/label.py", "--laq", str(run_dir), "--input", str(sprites), "--output", str(labelled),
-               "--set", "offset_frames=2")
+    run_python(
+        "launch/train_laq.py",
+        "--config",
+        TINY,
+        "--run-dir",
+        str(run_dir),
+        "--set",
+        f"data.datasets.0.path={sprites}",
+        "--set",
+        "train.steps=40",
+    )
+    run_python(
+        "launch/label.py",
+        "--laq",
+        str(run_dir),
+        "--input",
+        str(sprites),
+        "--output",
+        str(labelled),
+        "--set",
+        "offset_frames=2",
+    )
     return run_dir, sprites, labelled
 
 

@@ -11,7 +11,9 @@ from tests.shard_helpers import frame_index, index_set
 
 
 def config(datasets, **overrides) -> DataConfig:
-    base = dict(datasets=datasets, image_size=32, batch_size=4, num_workers=0, samples_per_clip=3, shuffle_block_clips=2)
+    base = dict(
+        datasets=datasets, image_size=32, batch_size=4, num_workers=0, samples_per_clip=3, shuffle_block_clips=2
+    )
     base.update(overrides)
     return DataConfig(**base)
 
@@ -57,8 +59,13 @@ def test_frames_view_with_action_target(shard_set):
 
 def test_readers_disjoint_over_ranks_and_workers(shard_set):
     """2 ranks x 2 workers read disjoint shards that together cover the set once per epoch."""
-    cfg = config([{"name": "a", "path": str(shard_set), "offset_frames": 2}], num_workers=2, samples_per_clip=1,
-                 batch_size=1, shuffle_block_clips=1)
+    cfg = config(
+        [{"name": "a", "path": str(shard_set), "offset_frames": 2}],
+        num_workers=2,
+        samples_per_clip=1,
+        batch_size=1,
+        shuffle_block_clips=1,
+    )
     per_rank = [sample_ids(take(VideoLoader(cfg, rank, 2), 6)) for rank in range(2)]  # 4 readers x 3 clips: one epoch
     keys = [{k for k, _ in ids} for ids in per_rank]
     assert not keys[0] & keys[1]
@@ -69,8 +76,13 @@ def test_readers_disjoint_over_ranks_and_workers(shard_set):
 
 def test_clip_mode_when_fewer_shards_than_readers(tmp_path):
     small = index_set(tmp_path / "small", num_shards=1, clips_per_shard=8)
-    cfg = config([{"name": "s", "path": str(small), "offset_frames": 2}], num_workers=2, samples_per_clip=1,
-                 batch_size=1, shuffle_block_clips=1)
+    cfg = config(
+        [{"name": "s", "path": str(small), "offset_frames": 2}],
+        num_workers=2,
+        samples_per_clip=1,
+        batch_size=1,
+        shuffle_block_clips=1,
+    )
     keys = [{k for k, _ in sample_ids(take(VideoLoader(cfg, rank, 2), 4))} for rank in range(2)]
     assert not keys[0] & keys[1] and len(keys[0] | keys[1]) == 8
 
@@ -101,9 +113,13 @@ def test_mixture_weights(tmp_path):
     a = index_set(tmp_path / "a", 2, 4, prefix="a")
     b = index_set(tmp_path / "b", 2, 4, prefix="b")
     cfg = config(
-        [{"name": "a", "path": str(a), "offset_frames": 1, "weight": 3.0},
-         {"name": "b", "path": str(b), "offset_frames": 1, "weight": 1.0}],
-        samples_per_clip=1, batch_size=8, shuffle_block_clips=8,
+        [
+            {"name": "a", "path": str(a), "offset_frames": 1, "weight": 3.0},
+            {"name": "b", "path": str(b), "offset_frames": 1, "weight": 1.0},
+        ],
+        samples_per_clip=1,
+        batch_size=8,
+        shuffle_block_clips=8,
     )
     counts = Counter(d for batch in take(VideoLoader(cfg), 50) for d in batch["dataset"])
     fraction_a = counts["a"] / sum(counts.values())

@@ -30,17 +30,46 @@ def stage_data(out: Path, episodes: int) -> Path:
     if (shards / "manifest.json").is_file():
         print(f"[data] {shards} exists, skipping generation")
     else:
-        run("tools/make_shards.py", "--source", "metaworld", "--tasks", "MT10", "--episodes", str(episodes),
-            "--resolution", "64", "--seed", "0", "--processes", "2", "--units-per-shard", "2",
-            "--output", str(shards))
+        run(
+            "tools/make_shards.py",
+            "--source",
+            "metaworld",
+            "--tasks",
+            "MT10",
+            "--episodes",
+            str(episodes),
+            "--resolution",
+            "64",
+            "--seed",
+            "0",
+            "--processes",
+            "2",
+            "--units-per-shard",
+            "2",
+            "--output",
+            str(shards),
+        )
     run("tools/check_shards.py", str(shards), "--offset-frames", "3")
     return shards
 
 
 def stage_loader_throughput(shards: Path, out: Path) -> None:
     report = out / "loader_throughput.md"
-    run("tools/profile_data.py", "--shards", str(shards), "--offset-frames", "3", "--image-size", "64",
-        "--seconds", "2", "--rounds", "1", "--markdown", str(report))
+    run(
+        "tools/profile_data.py",
+        "--shards",
+        str(shards),
+        "--offset-frames",
+        "3",
+        "--image-size",
+        "64",
+        "--seconds",
+        "2",
+        "--rounds",
+        "1",
+        "--markdown",
+        str(report),
+    )
 
 
 def deepspeed(ranks: int, port: int) -> list[str]:
@@ -50,14 +79,38 @@ def deepspeed(ranks: int, port: int) -> list[str]:
 def stage_laq(shards: Path, out: Path, steps: int) -> Path:
     """Train a small LAQ (resumes if interrupted), then label every frame pair of the demo data."""
     run_dir, labelled = out / "laq", out / "labelled"
-    run(*deepspeed(2, 29561), "launch/train_laq.py", "--config", "configs/laq/metaworld.json", "--run-dir", str(run_dir),
-        "--set", f"data.datasets.0.path={shards}", "--set", f"train.steps={steps}", "--set", f"train.save_every={steps}",
-        "--set", "logging.log_every=25",
+    run(
+        *deepspeed(2, 29561),
+        "launch/train_laq.py",
+        "--config",
+        "configs/laq/metaworld.json",
+        "--run-dir",
+        str(run_dir),
+        "--set",
+        f"data.datasets.0.path={shards}",
+        "--set",
+        f"train.steps={steps}",
+        "--set",
+        f"train.save_every={steps}",
+        "--set",
+        "logging.log_every=25",
         # a short run: replace dead codes every 10 steps throughout (measured at 200 steps: 6 of 8 codes
         # used instead of 1 with the reference schedule, which is every 100 steps after step 100)
-        "--set", "model.nsvq.replace_schedule=[[1000000000,10]]")
-    run(*deepspeed(2, 29562), "launch/label.py", "--laq", str(run_dir), "--input", str(shards), "--output", str(labelled),
-        "--set", "offset_frames=3")
+        "--set",
+        "model.nsvq.replace_schedule=[[1000000000,10]]",
+    )
+    run(
+        *deepspeed(2, 29562),
+        "launch/label.py",
+        "--laq",
+        str(run_dir),
+        "--input",
+        str(shards),
+        "--output",
+        str(labelled),
+        "--set",
+        "offset_frames=3",
+    )
     return run_dir
 
 
@@ -79,10 +132,15 @@ def main(argv=None) -> int:
     print(f"\ndemo done in {time.time() - start:.0f} s")
     print(f"  data:   {manifest['clips']} Meta-World clips, {manifest['frames']} frames in {shards}")
     print(f"  loader: {out / 'loader_throughput.md'}")
-    print(f"  LAQ:    step {last['step']}, loss {last['loss']:.4f}, PSNR on changed pixels {last['psnr_next_changed']:.2f} dB "
-          f"(copy x_t: {last['psnr_copy_changed']:.2f} dB), codes used {last['codes_used']}/8 ({run_dir})")
-    print(f"  labels: {stats['pairs']} frame pairs, {stats['distinct_latent_actions']} distinct latent actions "
-          f"({out / 'labelled'})")
+    print(
+        f"  LAQ:    step {last['step']}, loss {last['loss']:.4f}, "
+        f"PSNR on changed pixels {last['psnr_next_changed']:.2f} dB (copy x_t: {last['psnr_copy_changed']:.2f} dB), "
+        f"codes used {last['codes_used']}/8 ({run_dir})"
+    )
+    print(
+        f"  labels: {stats['pairs']} frame pairs, {stats['distinct_latent_actions']} distinct latent actions "
+        f"({out / 'labelled'})"
+    )
     return 0
 
 

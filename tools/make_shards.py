@@ -24,7 +24,7 @@ def main(argv=None) -> int:
     parser.add_argument("--output", required=True, help="Directory of the shard set (created if missing).")
     parser.add_argument("--processes", type=int, default=1, help="Worker processes converting shards.")
     parser.add_argument("--units-per-shard", type=int, default=None,
-                        help=f"Work units (videos, files, episodes) per shard; default per source.")
+                        help="Work units (videos, files, episodes) per shard; default per source.")
     parser.add_argument("--codec", choices=["h264", "vp9"], default="h264")
     parser.add_argument("--crf", type=int, default=18, help="Encoder quality (lower is better).")
     group = parser.add_argument_group(f"{known.source} options")

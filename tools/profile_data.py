@@ -48,7 +48,9 @@ def bare_worker(args) -> tuple[int, int, float, float]:
                 container.streams.video[0].thread_type = "NONE"  # the loader's setting: same decoder work
                 for index, frame in enumerate(container.decode(video=0)):
                     if index in wanted:
-                        frames[index] = reformatter.reformat(frame, width=size, height=size, format="rgb24").to_ndarray()
+                        frames[index] = reformatter.reformat(
+                            frame, width=size, height=size, format="rgb24"
+                        ).to_ndarray()
                     if index >= last:
                         break
             frames_decoded += last + 1
@@ -75,13 +77,19 @@ def tar_samples(path):
 
 def measure_bare(shard_paths, processes, offset, size, pairs_per_clip, seconds) -> dict:
     deadline = time.perf_counter() + seconds
-    jobs = [(shard_paths[i::processes] or shard_paths, offset, size, pairs_per_clip, deadline, i) for i in range(processes)]
+    jobs = [
+        (shard_paths[i::processes] or shard_paths, offset, size, pairs_per_clip, deadline, i) for i in range(processes)
+    ]
     with multiprocessing.get_context("fork").Pool(processes) as pool:
         results = pool.map(bare_worker, jobs)
     elapsed = max(r[2] for r in results)
     pairs = sum(r[0] for r in results)
-    return {"what": f"bare PyAV, {processes} processes", "pairs_per_s": pairs / elapsed,
-            "frames_per_s": sum(r[1] for r in results) / elapsed, "pairs_per_cpu_s": pairs / sum(r[3] for r in results)}
+    return {
+        "what": f"bare PyAV, {processes} processes",
+        "pairs_per_s": pairs / elapsed,
+        "frames_per_s": sum(r[1] for r in results) / elapsed,
+        "pairs_per_cpu_s": pairs / sum(r[3] for r in results),
+    }
 
 
 def process_cpu_seconds(pid: int) -> float:
@@ -132,7 +140,9 @@ def main(argv=None) -> int:
     shard_paths = [str(Path(args.shards) / s.name) for s in manifest.shards]
     config = DataConfig(
         datasets=[{"name": "profile", "path": args.shards, "offset_frames": args.offset_frames}],
-        image_size=args.image_size, samples_per_clip=args.pairs_per_clip, batch_size=args.batch_size,
+        image_size=args.image_size,
+        samples_per_clip=args.pairs_per_clip,
+        batch_size=args.batch_size,
     )
     # This VM's single-core speed drifts between runs (seen: 2,700 vs 4,500 pairs/s for the same code), so
     # the configurations are interleaved over several rounds and each is reported by its median.
@@ -143,8 +153,9 @@ def main(argv=None) -> int:
             measurements.setdefault(row["what"], []).append(row)
             print(json.dumps({"round": round_index, **row}), flush=True)
         for processes in (1, 2):
-            row = measure_bare(shard_paths, processes, args.offset_frames, args.image_size, args.pairs_per_clip,
-                               args.seconds)
+            row = measure_bare(
+                shard_paths, processes, args.offset_frames, args.image_size, args.pairs_per_clip, args.seconds
+            )
             measurements.setdefault(row["what"], []).append(row)
             print(json.dumps({"round": round_index, **row}), flush=True)
     rows = [median_row(runs) for runs in measurements.values()]
@@ -163,7 +174,8 @@ def write_markdown(args, manifest: Manifest, rows: list[dict], ratio: float) -> 
         f"--seconds {args.seconds} --rounds {args.rounds}` "
         f"({manifest.clips} clips, {manifest.frames} frames, source {manifest.source})\n",
         f"Medians of {args.rounds} interleaved rounds of {args.seconds:g} s (min-max in brackets).\n",
-        "| what | pairs/s | decoded frames/s |", "|---|---|---|",
+        "| what | pairs/s | decoded frames/s |",
+        "|---|---|---|",
     ]
     for row in rows:
         low, high = row["pairs_range"]

@@ -24,7 +24,7 @@ class DatasetSpec(StrictModel):
     """Frame offset H in seconds, converted with each clip's fps (Open-X / Bridge: 0.6)."""
 
     @model_validator(mode="after")
-    def _one_offset(self) -> "DatasetSpec":
+    def _one_offset(self) -> DatasetSpec:
         if (self.offset_frames is None) == (self.offset_seconds is None):
             raise ValueError("set exactly one of offset_frames and offset_seconds")
         return self
@@ -76,7 +76,7 @@ class DataConfig(StrictModel):
     augment: AugmentConfig = AugmentConfig()
 
     @model_validator(mode="after")
-    def _unique_names(self) -> "DataConfig":
+    def _unique_names(self) -> DataConfig:
         names = [d.name for d in self.datasets]
         if len(set(names)) != len(names):
             raise ValueError(f"datasets: names must be unique, got {names}")
@@ -85,5 +85,7 @@ class DataConfig(StrictModel):
         if self.decoder == "dali" and self.num_workers:
             # DALI runs its own threads (and CUDA), which cannot live in forked DataLoader workers;
             # num_workers also fixes the reader layout, so it is not silently changed.
-            raise ValueError(f"decoder 'dali' decodes in the main process: set num_workers to 0 (got {self.num_workers})")
+            raise ValueError(
+                f"decoder 'dali' decodes in the main process: set num_workers to 0 (got {self.num_workers})"
+            )
         return self

@@ -48,7 +48,7 @@ class Source(ABC):
 
     @classmethod
     @abstractmethod
-    def from_args(cls, args: argparse.Namespace) -> "Source":
+    def from_args(cls, args: argparse.Namespace) -> Source:
         """Build the source from parsed options, checking that its inputs exist."""
 
     @abstractmethod

@@ -109,7 +109,7 @@ class Manifest(BaseModel):
     skipped: dict[str, int] = Field(default_factory=dict)
 
     @classmethod
-    def gather(cls, directory: Path, source: str) -> "Manifest":
+    def gather(cls, directory: Path, source: str) -> Manifest:
         """Build the manifest from the sidecars of the finished shards in ``directory``."""
         shards = []
         for sidecar in sorted(directory.glob("shard-*.tar.json")):
@@ -129,7 +129,7 @@ class Manifest(BaseModel):
         write_json_atomic(directory / MANIFEST_NAME, self.model_dump())
 
     @classmethod
-    def read(cls, directory: str | os.PathLike) -> "Manifest":
+    def read(cls, directory: str | os.PathLike) -> Manifest:
         path = Path(directory) / MANIFEST_NAME
         if not path.is_file():
             raise FileNotFoundError(

@@ -100,7 +100,11 @@ def parse_arrays(sample: RawSample, meta: ClipMeta) -> tuple[np.ndarray | None, 
             actions = npy_load(sample.members["actions.npy"])
         except ValueError as error:
             raise BadSample(sample.key, "bad_actions", str(error)) from None
-        if actions.ndim != 2 or actions.shape[0] != meta.num_frames - 1 or not np.issubdtype(actions.dtype, np.floating):
+        if (
+            actions.ndim != 2
+            or actions.shape[0] != meta.num_frames - 1
+            or not np.issubdtype(actions.dtype, np.floating)
+        ):
             raise BadSample(
                 sample.key, "bad_actions", f"shape {actions.shape} {actions.dtype}, expected [{meta.num_frames - 1}, d]"
             )

@@ -1,6 +1,7 @@
 """Video encoding and CPU decoding with PyAV.
 
-Decoding reuses one VideoReformatter per process (a fresh conversion context costs ~1 ms), stops after the last wanted frame, and can resize in swscale while converting to RGB.
+Decoding reuses one VideoReformatter per process (a fresh conversion context costs ~1 ms), stops
+after the last wanted frame, and can resize in swscale while converting to RGB.
 """
 
 from __future__ import annotations

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
 import tarfile
-import io
 import time
 from collections import Counter
 from pathlib import Path
@@ -130,7 +130,7 @@ class ShardWriter:
         self._tar.close()
         self._tmp_path.unlink(missing_ok=True)
 
-    def __enter__(self) -> "ShardWriter":
+    def __enter__(self) -> ShardWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:

@@ -49,14 +49,15 @@ class LAQRunConfig(StrictModel):
     logging: LoggingConfig = LoggingConfig()
 
     @model_validator(mode="after")
-    def _ema_needs_whole_parameters(self) -> "LAQRunConfig":
+    def _ema_needs_whole_parameters(self) -> LAQRunConfig:
         if self.train.ema_decay and self.deepspeed.zero_stage == 3:
             raise ValueError("train.ema_decay needs whole parameters: use deepspeed.zero_stage <= 2 or no EMA")
         return self
 
 
-def load_trained_laq(run_dir: str, device: torch.device, tag: str | None = None,
-                     prefer_ema: bool = True) -> tuple[LAQ, str]:
+def load_trained_laq(
+    run_dir: str, device: torch.device, tag: str | None = None, prefer_ema: bool = True
+) -> tuple[LAQ, str]:
     """The LAQ of a run directory in eval mode, with its newest (or ``tag``) checkpoint's weights."""
     directory = RunDir(run_dir)
     config_path = directory.path / "config.json"
@@ -112,8 +113,15 @@ class LAQTrainer:
         torch.manual_seed(config.train.seed)  # identical initial weights on every rank
         model = LAQ(config.model)
         self.resume_tag, self.resume_universal = prepare_resume(self.run_dir, self.ctx.world_size, self.ctx.rank)
-        self.engine = build_engine(model, config.optim, config.deepspeed, config.data.batch_size,
-                                   self.ctx.world_size, config.train.steps, self.resume_universal)
+        self.engine = build_engine(
+            model,
+            config.optim,
+            config.deepspeed,
+            config.data.batch_size,
+            self.ctx.world_size,
+            config.train.steps,
+            self.resume_universal,
+        )
         self.dtype = engine_dtype(config.deepspeed)
         self.ema = EMA(self.engine.module, config.train.ema_decay) if config.train.ema_decay else None
         self.loader = VideoLoader(config.data, self.ctx.rank, self.ctx.world_size)
@@ -127,8 +135,9 @@ class LAQTrainer:
         tag = self.resume_tag
         if tag is None:
             return
-        extra = load_checkpoint(self.engine, self.run_dir, tag, self.ctx.rank, self.ctx.world_size,
-                                self.resume_universal)
+        extra = load_checkpoint(
+            self.engine, self.run_dir, tag, self.ctx.rank, self.ctx.world_size, self.resume_universal
+        )
         self.step = extra["step"]
         self.loader.load_state_dict(extra["loader"])
         self.engine.module.quantizer.usage.copy_(extra["usage"])
@@ -141,9 +150,12 @@ class LAQTrainer:
             print(f"resumed from {tag} (step {self.step})", flush=True)
 
     def _extra_state(self) -> dict:
-        extra = {"loader": self.loader.state_dict(), "usage": self.engine.module.quantizer.usage.clone(),
-                 "replaced_since_log": self.replaced_since_log,
-                 "code_counts_since_log": self.code_counts_since_log.clone()}
+        extra = {
+            "loader": self.loader.state_dict(),
+            "usage": self.engine.module.quantizer.usage.clone(),
+            "replaced_since_log": self.replaced_since_log,
+            "code_counts_since_log": self.code_counts_since_log.clone(),
+        }
         if self.ema is not None:
             extra["ema"] = copy.deepcopy(self.ema.shadow)
         return extra
@@ -169,7 +181,11 @@ class LAQTrainer:
     def metrics(self, last: dict) -> dict:
         output = last["output"]
         quantizer = self.engine.module.quantizer
-        values = {"loss": output.loss.detach().float(), "lr": self.engine.get_lr()[0], "codes_replaced": self.replaced_since_log}
+        values = {
+            "loss": output.loss.detach().float(),
+            "lr": self.engine.get_lr()[0],
+            "codes_replaced": self.replaced_since_log,
+        }
         values.update(reconstruction_metrics(last["x_t"], last["x_next"], output.prediction.detach()))
         values.update(quantizer.usage_metrics(all_reduce_sum(self.code_counts_since_log.clone())))
         values.update(quantizer.usage_metrics(output.code_counts, "batch_"))
@@ -177,8 +193,9 @@ class LAQTrainer:
 
     def train(self) -> None:
         config = self.config
-        logger = MetricsLogger(self.run_dir, config.logging, self.ctx.is_main, config.train.steps, self.step,
-                               config.model_dump(), "laq")
+        logger = MetricsLogger(
+            self.run_dir, config.logging, self.ctx.is_main, config.train.steps, self.step, config.model_dump(), "laq"
+        )
         batches = iter(self.loader)
         samples_per_step = config.data.batch_size * config.deepspeed.gradient_accumulation * self.ctx.world_size
         interval_start, interval_steps, data_wait = time.perf_counter(), 0, 0.0
@@ -186,19 +203,29 @@ class LAQTrainer:
             last, wait = self.train_step(batches)
             self.step += 1
             interval_steps, data_wait = interval_steps + 1, data_wait + wait
-            self.replaced_since_log += replace_dead_codes(self.engine, self.step, config.train.seed,
-                                                          config.deepspeed.zero_stage)
+            self.replaced_since_log += replace_dead_codes(
+                self.engine, self.step, config.train.seed, config.deepspeed.zero_stage
+            )
             logger.step(self.step)
             if self.step % config.logging.log_every == 0 or self.step == config.train.steps:
                 values = self.metrics(last)
                 elapsed = time.perf_counter() - interval_start
-                values.update(samples_per_s=samples_per_step * interval_steps / elapsed,
-                              step_time_s=elapsed / interval_steps, data_wait_s=data_wait / interval_steps)
+                values.update(
+                    samples_per_s=samples_per_step * interval_steps / elapsed,
+                    step_time_s=elapsed / interval_steps,
+                    data_wait_s=data_wait / interval_steps,
+                )
                 logger.log(self.step, values)
                 interval_start, interval_steps, data_wait = time.perf_counter(), 0, 0.0
                 self.replaced_since_log = 0
                 self.code_counts_since_log.zero_()
             if self.step % config.train.save_every == 0 or self.step == config.train.steps:
-                save_checkpoint(self.engine, self.run_dir, self.step, self._extra_state(), self.ctx.rank,
-                                config.train.keep_checkpoints)
+                save_checkpoint(
+                    self.engine,
+                    self.run_dir,
+                    self.step,
+                    self._extra_state(),
+                    self.ctx.rank,
+                    config.train.keep_checkpoints,
+                )
         logger.close()

@@ -78,7 +78,7 @@ class SpriteSource(Source):
         parser.add_argument("--seed", type=int, default=0)
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace) -> "SpriteSource":
+    def from_args(cls, args: argparse.Namespace) -> SpriteSource:
         return cls(args.clips, args.frames, args.size, args.seed)
 
     def work_units(self) -> list[int]:
