@@ -70,27 +70,25 @@ class ShardJob:
     crf: int
 
 
+def _with_skips(clips: Iterator[Clip]) -> Iterator[Clip | SkipClip]:
+    """A source may yield a SkipClip and go on, or raise one, which ends its iterator: both become items."""
+    try:
+        yield from clips
+    except SkipClip as skip:
+        yield skip
+
+
 def _convert_shard(job: ShardJob) -> Counter:
     """Write one shard; returns the clips skipped, by reason."""
     with ShardWriter(job.shard_path, codec=job.codec, crf=job.crf) as writer:
-        skipped = writer.skipped
         for unit in job.units:
-            iterator = job.source.clips(unit)
-            while True:
-                try:
-                    clip = next(iterator)
-                except StopIteration:
-                    break
-                except SkipClip as skip:
-                    skipped[skip.reason] += 1
-                    log.warning("skipped %s", skip)
-                    continue
-                if isinstance(clip, SkipClip):
-                    skipped[clip.reason] += 1
-                    log.warning("skipped %s", clip)
-                    continue
-                writer.write(clip)
-    return skipped
+            for item in _with_skips(job.source.clips(unit)):
+                if isinstance(item, SkipClip):
+                    writer.skipped[item.reason] += 1
+                    log.warning("skipped %s", item)
+                else:
+                    writer.write(item)
+    return writer.skipped
 
 
 def convert(
