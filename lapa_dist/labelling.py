@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from lapa_dist.config import StrictModel
+from lapa_dist.data.config import FrameOffset
 from lapa_dist.data.format import Manifest, npy_bytes, npy_load, sidecar_path
 from lapa_dist.data.reader import BadSample, RawSample, decode_sample_frames, iter_raw_samples, parse_meta
 from lapa_dist.data.transforms import crop_square, resized_size
@@ -27,17 +27,11 @@ from lapa_dist.models.laq import LAQ
 log = logging.getLogger(__name__)
 
 
-class LabelConfig(StrictModel):
-    offset_frames: int | None = Field(default=None, ge=1)
-    """H in frames; or give offset_seconds (converted with each clip's fps)."""
-    offset_seconds: float | None = Field(default=None, gt=0)
+class LabelConfig(FrameOffset):
+    """H (offset_frames or offset_seconds, exactly one) and the encoder batch size."""
+
     batch_size: int = Field(default=64, ge=1)
     """Frame pairs per encoder forward."""
-
-    def offset_for(self, fps: float) -> int:
-        if (self.offset_frames is None) == (self.offset_seconds is None):
-            raise ValueError("label config: set exactly one of offset_frames and offset_seconds")
-        return self.offset_frames or max(1, round(self.offset_seconds * fps))
 
 
 def clip_frames(sample: RawSample, image_size: int) -> torch.Tensor:

@@ -9,22 +9,16 @@ from pydantic import Field, model_validator
 from lapa_dist.config import StrictModel
 
 
-class DatasetSpec(StrictModel):
-    """One shard set in the mixture."""
+class FrameOffset(StrictModel):
+    """The frame offset H between x_t and x_next, given in frames or in seconds (exactly one)."""
 
-    name: str = Field(min_length=1)
-    """Name used in logs and metrics."""
-    path: str = Field(min_length=1)
-    """Directory of the shard set (holds manifest.json)."""
-    weight: float = Field(default=1.0, gt=0)
-    """Relative sampling weight in the mixture (per clip)."""
     offset_frames: int | None = Field(default=None, ge=1)
     """Frame offset H between x_t and x_next, in frames (SSv2 in the reference: 30)."""
     offset_seconds: float | None = Field(default=None, gt=0)
     """Frame offset H in seconds, converted with each clip's fps (Open-X / Bridge: 0.6)."""
 
     @model_validator(mode="after")
-    def _one_offset(self) -> DatasetSpec:
+    def _one_offset(self) -> FrameOffset:
         if (self.offset_frames is None) == (self.offset_seconds is None):
             raise ValueError("set exactly one of offset_frames and offset_seconds")
         return self
@@ -34,6 +28,17 @@ class DatasetSpec(StrictModel):
         if self.offset_frames is not None:
             return self.offset_frames
         return max(1, round(self.offset_seconds * fps))
+
+
+class DatasetSpec(FrameOffset):
+    """One shard set in the mixture."""
+
+    name: str = Field(min_length=1)
+    """Name used in logs and metrics."""
+    path: str = Field(min_length=1)
+    """Directory of the shard set (holds manifest.json)."""
+    weight: float = Field(default=1.0, gt=0)
+    """Relative sampling weight in the mixture (per clip)."""
 
 
 class AugmentConfig(StrictModel):
