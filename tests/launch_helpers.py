@@ -5,12 +5,12 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
+from lapa_dist.parallel.distributed import deepspeed_launcher
+
 ROOT = Path(__file__).resolve().parent.parent
-DEEPSPEED = str(Path(sys.executable).with_name("deepspeed"))
 _next_port = [29700 + os.getpid() % 200]
 
 
@@ -20,7 +20,7 @@ def free_port() -> int:
 
 
 def deepspeed_command(script: str, args: list[str], ranks: int) -> list[str]:
-    return [DEEPSPEED, "--num_gpus", str(ranks), "--master_port", str(free_port()), str(ROOT / script), *args]
+    return [*deepspeed_launcher(ranks, free_port()), str(ROOT / script), *args]
 
 
 def environment() -> dict:

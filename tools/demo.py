@@ -15,6 +15,8 @@ import sys
 import time
 from pathlib import Path
 
+from lapa_dist.parallel.distributed import deepspeed_launcher
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -72,15 +74,12 @@ def stage_loader_throughput(shards: Path, out: Path) -> None:
     )
 
 
-def deepspeed(ranks: int, port: int) -> list[str]:
-    return [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", str(ranks), "--master_port", str(port)]
-
 
 def stage_laq(shards: Path, out: Path, steps: int) -> Path:
     """Train a small LAQ (resumes if interrupted), then label every frame pair of the demo data."""
     run_dir, labelled = out / "laq", out / "labelled"
     run(
-        *deepspeed(2, 29561),
+        *deepspeed_launcher(2, 29561),
         "launch/train_laq.py",
         "--config",
         "configs/laq/metaworld.json",
@@ -100,7 +99,7 @@ def stage_laq(shards: Path, out: Path, steps: int) -> Path:
         "model.nsvq.replace_schedule=[[1000000000,10]]",
     )
     run(
-        *deepspeed(2, 29562),
+        *deepspeed_launcher(2, 29562),
         "launch/label.py",
         "--laq",
         str(run_dir),

@@ -16,6 +16,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from lapa_dist.parallel.distributed import deepspeed_launcher
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -23,9 +25,6 @@ def run(command: list[str]) -> None:
     print("+", " ".join(command), flush=True)
     subprocess.run(command, check=True, cwd=ROOT)
 
-
-def deepspeed(ranks: int, port: int) -> list[str]:
-    return [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", str(ranks), "--master_port", str(port)]
 
 
 def main(argv=None) -> int:
@@ -43,11 +42,11 @@ def main(argv=None) -> int:
         run([sys.executable, "tools/make_shards.py", "--source", "metaworld", "--tasks", "MT10", "--episodes",
              str(args.episodes), "--resolution", "64", "--seed", "0", "--processes", "2", "--units-per-shard", "4",
              "--output", str(shards)])
-    run([*deepspeed(args.ranks, args.port), "launch/train_laq.py", "--config", "configs/laq/metaworld.json",
+    run([*deepspeed_launcher(args.ranks, args.port), "launch/train_laq.py", "--config", "configs/laq/metaworld.json",
          "--run-dir", str(run_dir), "--set", f"data.datasets.0.path={shards}",
          "--set", f"data.datasets.0.offset_frames={args.offset_frames}", "--set", f"train.steps={args.steps}"])
-    run([*deepspeed(args.ranks, args.port + 1), "launch/label.py", "--laq", str(run_dir), "--input", str(shards),
-         "--output", str(labelled), "--set", f"offset_frames={args.offset_frames}"])
+    run([*deepspeed_launcher(args.ranks, args.port + 1), "launch/label.py", "--laq", str(run_dir),
+         "--input", str(shards), "--output", str(labelled), "--set", f"offset_frames={args.offset_frames}"])
     run([sys.executable, "tools/laq_report.py", "--laq", str(run_dir), "--shards", str(labelled),
          "--out", str(out / "report")])
     return 0

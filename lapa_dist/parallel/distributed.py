@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import os
 import random
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -90,3 +92,9 @@ def gather_objects(obj) -> list:
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, obj)
     return gathered
+
+
+def deepspeed_launcher(ranks: int, master_port: int) -> list[str]:
+    """The argv prefix that starts ``ranks`` processes with this environment's deepspeed launcher."""
+    executable = Path(sys.executable).with_name("deepspeed")
+    return [str(executable), "--num_gpus", str(ranks), "--master_port", str(master_port)]
