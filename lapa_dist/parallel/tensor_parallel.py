@@ -165,3 +165,26 @@ def full_state_dict(model: nn.Module, layout: ParallelLayout) -> dict[str, torch
         if gathered is not None:
             full[name] = gathered
     return full
+
+
+def planned_partition_dim(name: str) -> int | None:
+    """The split dimension the plan gives the Llama parameter ``name`` (e.g. ``layers.0.attn.q_proj.weight``),
+    None for a replicated one; for reading TP-sliced checkpoints without building the model."""
+    leaf = name.rpartition(".")[0].rpartition(".")[2]
+    if leaf in COLUMN_PARALLEL + VOCAB_PARALLEL:
+        return 0
+    return 1 if leaf in ROW_PARALLEL else None
+
+
+@torch.no_grad()
+def copy_full_into(param: torch.Tensor, full: torch.Tensor, layout: ParallelLayout, name: str) -> None:
+    """Copy this TP rank's slice of the full tensor ``full`` into ``param`` (whole when it is replicated)."""
+    dim = partition_dim(param)
+    expected = list(param.shape)
+    if dim is not None:
+        expected[dim] *= layout.tp
+    if list(full.shape) != expected:
+        raise ValueError(f"{name}: source shape {list(full.shape)}, model expects {expected} (tp {layout.tp})")
+    if dim is not None:
+        full = full.narrow(dim, layout.tp_rank * param.shape[dim], param.shape[dim])
+    param.copy_(full)

@@ -10,12 +10,12 @@ from torch.optim.lr_scheduler import LambdaLR
 from lapa_dist.train.config import DeepSpeedConfig, OptimConfig
 
 
-def deepspeed_config(optim: OptimConfig, ds: DeepSpeedConfig, micro_batch: int, world_size: int) -> dict:
+def deepspeed_config(optim: OptimConfig, ds: DeepSpeedConfig, micro_batch: int, data_parallel_size: int) -> dict:
     zero: dict = {"stage": ds.zero_stage}
     return {
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": ds.gradient_accumulation,
-        "train_batch_size": micro_batch * ds.gradient_accumulation * world_size,
+        "train_batch_size": micro_batch * ds.gradient_accumulation * data_parallel_size,
         "gradient_clipping": optim.grad_clip,
         "optimizer": {
             "type": "AdamW",
@@ -44,16 +44,17 @@ def lr_lambda(optim: OptimConfig, total_steps: int):
 
 
 def build_engine(model: torch.nn.Module, optim: OptimConfig, ds: DeepSpeedConfig, micro_batch: int,
-                 world_size: int, total_steps: int, load_universal: bool = False):
-    """``load_universal``: the checkpoint to resume from is a universal one (another data-parallel size)."""
+                 data_parallel_size: int, total_steps: int, load_universal: bool = False, mpu=None):
+    """``load_universal``: the checkpoint to resume from is a universal one (another data-parallel size).
+    ``mpu``: a ``ParallelLayout.mpu()`` under tensor parallelism (ZeRO then works over its data-parallel group)."""
     import deepspeed
 
-    config = deepspeed_config(optim, ds, micro_batch, world_size)
+    config = deepspeed_config(optim, ds, micro_batch, data_parallel_size)
     if load_universal:
         config["checkpoint"] = {"load_universal": True}
     trainable = [p for p in model.parameters() if p.requires_grad]
     engine, _, _, _ = deepspeed.initialize(
-        model=model, model_parameters=trainable, config=config,
+        model=model, model_parameters=trainable, config=config, mpu=mpu,
         lr_scheduler=lambda optimizer: LambdaLR(optimizer, lr_lambda(optim, total_steps)),
     )
     return engine

@@ -1,0 +1,54 @@
+"""Small VLA runs for tests: sprite shards carrying both true actions and latent labels, and the tiny configs.
+
+The latent labels are written directly (a test does not need a trained LAQ to exercise the VLA stages): the
+latent of frame t is a fixed function of the sprite's true motion from t to t + 1, so it is learnable from the
+instruction and the image.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from lapa_dist.data.sources.sprites import DIRECTIONS, make_sprite_clip
+from tests.launch_helpers import ROOT
+from tests.shard_helpers import write_set
+from tests.tiny_tokenizer import save_tiny_tokenizer
+
+PRETRAIN = ROOT / "configs/vla/tiny_pretrain.json"
+FINETUNE = ROOT / "configs/vla/tiny_finetune.json"
+
+
+def latents_from_actions(actions: np.ndarray) -> np.ndarray:
+    """int16 [T, 4] latent codes in [0, 8) determined by each step's motion direction [T, 2]."""
+    unit = np.sign(actions)  # [T, 2] in {-1, 0, 1}
+    direction = np.argmax((unit[:, None, :] == DIRECTIONS[None, :, :]).all(-1), axis=1)  # [T]
+    return np.stack([direction, (direction + 1) % 8, 7 - direction, (3 * direction) % 8], axis=1).astype(np.int16)
+
+
+def labelled_sprites(directory: Path, num_shards: int = 2, clips_per_shard: int = 4, num_frames: int = 12,
+                     size: int = 32) -> Path:
+    """A shard set whose clips hold actions.npy and latents.npy (latent_offset 1)."""
+    shards = []
+    for shard in range(num_shards):
+        clips = []
+        for index in range(shard * clips_per_shard, (shard + 1) * clips_per_shard):
+            clip = make_sprite_clip(index, num_frames, size)
+            clip.latents = latents_from_actions(clip.actions)
+            clip.meta = clip.meta.model_copy(update={"latent_offset": 1})
+            clips.append(clip)
+        shards.append(clips)
+    return write_set(directory, shards, source="sprites")
+
+
+def vla_args(config: Path, run_dir: Path, data: Path, tokenizer: Path, *overrides: str) -> list[str]:
+    args = ["--config", str(config), "--run-dir", str(run_dir), "--set", f"data.datasets.0.path={data}",
+            "--set", f"tokenizer={tokenizer}"]
+    for override in overrides:
+        args += ["--set", override]
+    return args
+
+
+def tiny_tokenizer_dir(directory: Path) -> Path:
+    return save_tiny_tokenizer(directory)
