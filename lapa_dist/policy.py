@@ -7,8 +7,9 @@
 A policy directory holds:
 
     policy.json              format, head ("latent" after pretraining, "action" after finetuning), image size,
-                             the model config (vision tower described inline: no path outside the directory)
-                             and where the weights came from
+                             the model config (vision tower described inline: no path outside the directory),
+                             the observation it was trained on (camera, frame size, instructions seen) and
+                             where the weights came from
     model.safetensors        every weight of the VLA, the frozen vision tower included
     tokenizer/               the HF tokenizer of the instructions
     action_tokenizer.json    the action bins (action head only)
@@ -20,7 +21,6 @@ without augmentation. Decoding is greedy; action tokens are restricted to the bi
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import av
@@ -28,8 +28,10 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from lapa_dist.data.format import Manifest
+from lapa_dist.data.reader import BadSample, iter_raw_samples, parse_meta
 from lapa_dist.data.transforms import crop_square, resized_size
-from lapa_dist.models.action_tokenizer import TOKENIZER_FILENAME, ActionTokenizer
+from lapa_dist.models.action_tokenizer import ActionTokenizer
 from lapa_dist.models.vit_tower import read_vision_config
 from lapa_dist.models.vla import VLA, VLAConfig
 from lapa_dist.models.vla_sequence import build_prompt
@@ -41,6 +43,7 @@ FORMAT_VERSION = 1
 CONFIG_FILE = "policy.json"
 WEIGHTS_FILE = "model.safetensors"
 TOKENIZER_DIR = "tokenizer"
+OBSERVATION_CLIPS = 200
 
 
 def self_contained(config: VLAConfig, model: VLA) -> VLAConfig:
@@ -52,6 +55,36 @@ def self_contained(config: VLAConfig, model: VLA) -> VLAConfig:
         hf_config = read_vision_config(vision.vit).to_dict()
         vision = vision.model_copy(update={"vit": vision.vit.model_copy(update={"path": None, "hf_config": hf_config})})
     return VLAConfig.model_validate({**config.model_dump(), "vision": vision.model_dump()})
+
+
+def training_observation(datasets) -> dict:
+    """Camera, stored frame size and instructions of the training data (from the first clips of each set's first
+    shard: enough to tell a user what the policy expects, without reading the data set)."""
+    metas = []
+    for spec in datasets:
+        manifest = Manifest.read(spec.path)
+        for count, sample in enumerate(iter_raw_samples(Path(spec.path) / manifest.shards[0].name)):
+            if count == OBSERVATION_CLIPS:
+                break
+            if not isinstance(sample, BadSample):
+                metas.append(parse_meta(sample))
+    if not metas:
+        raise ValueError("the training data has no readable clip to describe the observation")
+    first = metas[0]
+    return {"camera": first.camera, "width": first.width, "height": first.height, "source": first.source,
+            "instructions_sample": sorted({meta.instruction for meta in metas})[:100]}
+
+
+def read_policy_description(directory: str | Path) -> dict:
+    """The checked contents of ``directory/policy.json``."""
+    config_path = Path(directory) / CONFIG_FILE
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{directory}: no {CONFIG_FILE}; is it a directory written by tools/export.py?")
+    description = json.loads(config_path.read_text())
+    if description.get("format") != FORMAT_NAME or description.get("version") != FORMAT_VERSION:
+        raise ValueError(f"{config_path}: format {description.get('format')!r} version "
+                         f"{description.get('version')!r}, expected {FORMAT_NAME!r} {FORMAT_VERSION}")
+    return description
 
 
 def export_policy(run_dir: str | Path, out_dir: str | Path, tag: str | None = None,
@@ -70,24 +103,35 @@ def export_policy(run_dir: str | Path, out_dir: str | Path, tag: str | None = No
     model = VLA(model_config)
     model.load_state_dict(state)  # checks every key and shape before anything is written
     dtype = dtype or (torch.bfloat16 if run_config.deepspeed.precision == "bf16" else torch.float32)
+    from transformers import AutoTokenizer
 
+    tokenizer = AutoTokenizer.from_pretrained(run_config.tokenizer, local_files_only=True)
+    observation = training_observation(run_config.data.datasets)
+    return save_policy(out_dir, model, tokenizer, action_tokenizer, run_config.data.image_size, observation, source,
+                       dtype)
+
+
+def save_policy(out_dir: str | Path, model: VLA, tokenizer, action_tokenizer: ActionTokenizer | None,
+                image_size: int, observation: dict, source: str, dtype: torch.dtype = torch.float32) -> Path:
+    """Write a policy directory (see the module doc) for ``model``; returns ``out_dir``.
+
+    ``observation`` describes what the policy was trained to see: at least ``camera``, ``width``, ``height``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tensors = {name: tensor.detach().to(dtype).contiguous() for name, tensor in model.state_dict().items()}
     save_file(tensors, out / WEIGHTS_FILE, metadata={"format": "pt", "source": source})
-    from transformers import AutoTokenizer
-
-    AutoTokenizer.from_pretrained(run_config.tokenizer, local_files_only=True).save_pretrained(out / TOKENIZER_DIR)
+    tokenizer.save_pretrained(out / TOKENIZER_DIR)
     if action_tokenizer is not None:
-        shutil.copyfile(run.path / TOKENIZER_FILENAME, out / TOKENIZER_FILENAME)
+        action_tokenizer.save(out)
     description = {
         "format": FORMAT_NAME,
         "version": FORMAT_VERSION,
         "head": "action" if action_tokenizer is not None else "latent",
-        "image_size": run_config.data.image_size,
+        "image_size": image_size,
+        "observation": observation,
         "dtype": str(dtype).removeprefix("torch."),
         "source": source,
-        "model": self_contained(model_config, model).model_dump(mode="json"),
+        "model": self_contained(model.config, model).model_dump(mode="json"),
     }
     (out / CONFIG_FILE).write_text(json.dumps(description, indent=2) + "\n")
     return out
@@ -125,13 +169,7 @@ class Policy:
         from transformers import AutoTokenizer
 
         directory = Path(directory)
-        config_path = directory / CONFIG_FILE
-        if not config_path.is_file():
-            raise FileNotFoundError(f"{directory}: no {CONFIG_FILE}; is it a directory written by tools/export.py?")
-        description = json.loads(config_path.read_text())
-        if description.get("format") != FORMAT_NAME or description.get("version") != FORMAT_VERSION:
-            raise ValueError(f"{config_path}: format {description.get('format')!r} version "
-                             f"{description.get('version')!r}, expected {FORMAT_NAME!r} {FORMAT_VERSION}")
+        description = read_policy_description(directory)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         model = VLA(VLAConfig.model_validate(description["model"]))
         state = load_file(directory / WEIGHTS_FILE)
@@ -149,6 +187,7 @@ class Policy:
             "token_vocab_size": sequence.latent_vocab_size,
             "action_dim": None if action_tokenizer is None else action_tokenizer.tokens_per_action,
             "source": description["source"],
+            "observation": description["observation"],
             "device": str(device),
             "dtype": str(dtype).removeprefix("torch."),
         }

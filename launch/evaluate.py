@@ -4,8 +4,10 @@
         --processes 2 --out runs/eval_expert
 
 --policy: "expert" (scripted experts; privileged, they read the simulator state), "random"
-(uniform actions), or a trained policy directory (not loadable yet). Prints the markdown table;
-with --out also writes results.json, results.md and videos/ (first --videos episodes per task).
+(uniform actions), or a policy directory written by tools/export.py (a finetuned VLA; each process loads
+it on the CPU). A trained policy is shown the camera and render resolution of its training data (recorded
+at export); --camera/--resolution must agree or be left out. Prints the markdown table; with --out also
+writes results.json, results.md and videos/ (first --videos episodes per task).
 """
 
 import argparse
@@ -16,8 +18,6 @@ from pathlib import Path
 from lapa_dist.envs.metaworld import CAMERAS, DEFAULT_CAMERA, MAX_EPISODE_STEPS, resolve_tasks
 from lapa_dist.eval.closed_loop import ScriptedExpertPolicy, UniformRandomPolicy, evaluate
 
-TRAINED_POLICY_MESSAGE = "loading trained policies lands with the VLA issue (Policy.from_pretrained)"
-
 
 def policy_factory(name: str, seed: int):
     if name == "expert":
@@ -25,8 +25,29 @@ def policy_factory(name: str, seed: int):
     if name == "random":
         return functools.partial(UniformRandomPolicy, seed=seed)
     if Path(name).is_dir():
-        raise ValueError(f"policy directory {name}: {TRAINED_POLICY_MESSAGE}")
-    raise ValueError(f"policy {name!r}: expected expert, random or a trained policy directory")
+        from lapa_dist.policy import Policy
+
+        return functools.partial(Policy.from_pretrained, name, device="cpu")
+    raise ValueError(f"policy {name!r}: expected expert, random or a policy directory (tools/export.py)")
+
+
+def observation_settings(args) -> tuple[str, int]:
+    """(camera, resolution): a trained policy's training observation, checked against the flags."""
+    defaults = (DEFAULT_CAMERA, 64)
+    if not Path(args.policy).is_dir():
+        return args.camera or defaults[0], args.resolution or defaults[1]
+    from lapa_dist.policy import read_policy_description
+
+    observation = read_policy_description(args.policy)["observation"]
+    trained = (observation["camera"], observation["width"])
+    for flag, given, expected in (("--camera", args.camera, trained[0]), ("--resolution", args.resolution,
+                                                                          trained[1])):
+        if given is not None and given != expected:
+            raise ValueError(f"{flag} {given}: the policy was trained on {expected} ({args.policy}/policy.json)")
+    if observation["width"] != observation["height"]:
+        raise ValueError(f"the policy was trained on {observation['width']}x{observation['height']} frames; "
+                         "Meta-World renders square frames")
+    return trained
 
 
 def parse_args(argv):
@@ -37,8 +58,8 @@ def parse_args(argv):
     parser.add_argument("--episodes", type=int, default=10, help="episodes per task")
     parser.add_argument("--seed", type=int, default=0, help="eval layout seed (and the random policy's)")
     parser.add_argument("--processes", type=int, default=1)
-    parser.add_argument("--camera", default=DEFAULT_CAMERA, choices=CAMERAS)
-    parser.add_argument("--resolution", type=int, default=64)
+    parser.add_argument("--camera", choices=CAMERAS, help=f"default: the policy's, else {DEFAULT_CAMERA}")
+    parser.add_argument("--resolution", type=int, help="render size; default: the policy's, else 64")
     parser.add_argument("--max-steps", type=int, default=200, help=f"episode cap (at most {MAX_EPISODE_STEPS})")
     parser.add_argument("--videos", type=int, default=1, help="mp4s per task (first episodes), with --out")
     parser.add_argument("--out", help="directory for results.json, results.md and videos/")
@@ -49,11 +70,12 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         factory = policy_factory(args.policy, args.seed)
+        camera, resolution = observation_settings(args)
         tasks = resolve_tasks(args.tasks)
-        results = evaluate(factory, tasks, args.episodes, args.seed, args.camera, args.resolution, args.max_steps,
+        results = evaluate(factory, tasks, args.episodes, args.seed, camera, resolution, args.max_steps,
                            args.processes, video_dir=Path(args.out) / "videos" if args.out else None,
                            videos_per_task=args.videos)
-    except ValueError as error:
+    except (ValueError, FileNotFoundError) as error:
         print(f"evaluate: {error}", file=sys.stderr)
         return 2
     if args.out:

@@ -23,6 +23,7 @@ from lapa_dist.eval.closed_loop import (
     evaluate,
     wilson_interval,
 )
+from tests.vla_helpers import tiny_metaworld_policy
 
 ROOT = Path(__file__).resolve().parent.parent
 EXPERT_TASKS = ["reach-v3", "button-press-topdown-v3"]
@@ -116,9 +117,23 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
                           text=True, timeout=120)
 
 
-def test_cli_runs_and_refuses_trained_dirs_and_bad_tasks(tmp_path):
+def test_cli_evaluates_a_policy_directory(tmp_path):
+    policy = tiny_metaworld_policy(tmp_path)
+    out = tmp_path / "out"
+    result = run_cli("--policy", str(policy), "--tasks", "reach-v3,push-v3", "--episodes", "1", "--max-steps", "8",
+                     "--processes", "2", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    results = json.loads((out / "results.json").read_text())
+    assert [task["task"] for task in results["tasks"]] == ["reach-v3", "push-v3"]
+    assert all(task["episodes"] == 1 for task in results["tasks"])
+    assert len(list((out / "videos").glob("*.mp4"))) == 2
+    result = run_cli("--policy", str(policy), "--tasks", "reach-v3", "--episodes", "1", "--resolution", "128")
+    assert result.returncode == 2 and "--resolution 128: the policy was trained on 64" in result.stderr
+
+
+def test_cli_refuses_bad_policies_and_tasks(tmp_path):
     result = run_cli("--policy", str(tmp_path), "--tasks", "reach-v3", "--episodes", "1")
-    assert result.returncode == 2 and "Policy.from_pretrained" in result.stderr
+    assert result.returncode == 2 and "no policy.json" in result.stderr
     result = run_cli("--policy", "expert", "--tasks", "reach-v3,nope-v3", "--episodes", "1")
     assert result.returncode == 2 and "unknown Meta-World task 'nope-v3'" in result.stderr
     out = tmp_path / "out"

@@ -34,7 +34,8 @@ class MeanPolicy:
     """Deterministic test policy: action = per-channel image mean (3 values) and the instruction's length.
     Instruction "raise" raises, "nan" returns a non-finite action. It records how many calls overlapped."""
 
-    # replaced by a real exported tiny policy once lapa_dist/policy.py lands
+    # A test double for the server's contract (exact expected values, injected failures, overlap counting);
+    # test_serves_a_real_policy_directory serves a real lapa_dist.policy.Policy.
     metadata = {"action_dim": 4, "image_size": 8, "instruction_examples": ["close the drawer"],
                 "checkpoint": {"name": "mean-policy", "step": 0}}
 
@@ -415,3 +416,19 @@ def test_make_app_rejects_what_it_cannot_serve():
 def test_launch_serve_refuses_missing_policy_directory(tmp_path, capsys):
     assert serve_cli.main(["--policy", str(tmp_path / "absent")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_serves_a_real_policy_directory(tmp_path):
+    from lapa_dist.policy import Policy
+    from tests.vla_helpers import tiny_metaworld_policy
+
+    policy = Policy.from_pretrained(tiny_metaworld_policy(tmp_path), device="cpu")
+    images = [image_of(seed, 64, 64) for seed in range(3)]
+    expected = policy.predict(np.stack(images), ["reach the goal"] * 3)  # [3, 4]
+    with start_server(policy) as running:
+        with ThreadPoolExecutor(3) as pool:
+            answers = list(pool.map(lambda image: act_client.act(running.url, image, "reach the goal"), images))
+        health = act_client.health(running.url)
+    assert all(answer.shape == (4,) for answer in answers)
+    np.testing.assert_array_equal(np.stack(answers), expected)
+    assert health["metadata"]["action_dim"] == 4 and health["metadata"]["head"] == "action"

@@ -1,37 +1,19 @@
-"""A tiny LLaMA-style tokenizer built offline: WordLevel over a few sentences, ``<unk>``=0, ``<s>``=1, ``</s>``=2.
-
-Saved as a ``PreTrainedTokenizerFast`` to a directory, so tests load it from a local path like users will. The
-pre-tokenizer splits punctuation from words, so markers such as ``<vision>`` become several pieces, as they do
-with the LLaMA SentencePiece model.
-"""
+"""The tests' tiny tokenizer: lapa_dist.word_tokenizer over a few robot sentences, loaded from a local path."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-from transformers import AutoTokenizer, PreTrainedTokenizerFast
+from transformers import AutoTokenizer
 
-SPECIAL_TOKENS = ["<unk>", "<s>", "</s>"]
+from lapa_dist.word_tokenizer import save_word_tokenizer
 
-TRAINING_SENTENCES = [
-    "You are a helpful assistant. USER: What action should the robot take to `pick up the red block` ASSISTANT:",
-    "<vision> </vision> <delta> </delta> <action> </action>",
-    "push the blue cube to the left, open the drawer, close the gripper",
-]
+SENTENCES = ["pick up the red block", "push the blue cube to the left, open the drawer, close the gripper"]
 
 
 def save_tiny_tokenizer(directory: Path) -> Path:
     """Train the tiny tokenizer and save it under ``directory``; returns the directory."""
-    backend = Tokenizer(models.WordLevel(unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    trainer = trainers.WordLevelTrainer(special_tokens=SPECIAL_TOKENS, min_frequency=1)
-    backend.train_from_iterator(TRAINING_SENTENCES, trainer=trainer)
-    wrapped = PreTrainedTokenizerFast(
-        tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<unk>"
-    )
-    wrapped.save_pretrained(str(directory))
-    return directory
+    return save_word_tokenizer(directory, SENTENCES)
 
 
 def load_tiny_tokenizer(directory: Path):

@@ -7,6 +7,7 @@ instruction and the image.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -52,3 +53,31 @@ def vla_args(config: Path, run_dir: Path, data: Path, tokenizer: Path, *override
 
 def tiny_tokenizer_dir(directory: Path) -> Path:
     return save_tiny_tokenizer(directory)
+
+
+def tiny_metaworld_policy(directory: Path, seed: int = 0) -> Path:
+    """An untrained but complete Meta-World policy directory (tiny VLA, 4-D action bins, word tokenizer), built
+    in-process in about a second: for tests of what consumes policies (evaluation, serving)."""
+    import torch
+
+    from lapa_dist.envs.metaworld import ACTION_DIM, DEFAULT_CAMERA, INSTRUCTIONS
+    from lapa_dist.models.action_tokenizer import ActionTokenizer
+    from lapa_dist.models.vla import VLA, VLAConfig
+    from lapa_dist.policy import save_policy
+    from lapa_dist.word_tokenizer import save_word_tokenizer
+
+    rng = np.random.default_rng(seed)
+    actions = rng.uniform(-1, 1, (500, ACTION_DIM)).astype(np.float32)
+    action_tokenizer = ActionTokenizer.fit(actions, num_bins=16, binary_dims=[ACTION_DIM - 1])
+    model_config = json.loads(FINETUNE.read_text())["model"]
+    model_config["sequence"].update(latent_length=action_tokenizer.tokens_per_action,
+                                    latent_vocab_size=action_tokenizer.vocab_size)
+    torch.manual_seed(seed)
+    model = VLA(VLAConfig.model_validate(model_config))
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(save_word_tokenizer(directory / "_tokenizer",
+                                                                      INSTRUCTIONS.values())))
+    observation = {"camera": DEFAULT_CAMERA, "width": 64, "height": 64, "source": "metaworld"}
+    return save_policy(directory / "policy", model, tokenizer, action_tokenizer, model.image_size, observation,
+                       "tests.vla_helpers.tiny_metaworld_policy (untrained)")

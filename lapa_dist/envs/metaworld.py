@@ -12,6 +12,10 @@ through Mesa EGL instead of 4-5 with Meta-World's defaults). ``MUJOCO_GL`` defau
 when this module is imported before mujoco; set it yourself if something imports mujoco earlier.
 The corner cameras are mounted upside down in Meta-World's model (their image-up axis points at
 the floor); their frames are rotated by 180 degrees, which rights them without mirroring.
+
+Import order: Mesa's llvmpipe (behind EGL on CPU) and Triton (imported by torch / transformers / our kernels)
+each bring their own LLVM; importing Triton after an EGL context exists segfaults (measured: render, then
+``import triton``). This module imports Triton, when installed, before mujoco can create a context.
 """
 
 from __future__ import annotations
@@ -25,6 +29,11 @@ import weakref
 import zlib
 from dataclasses import dataclass
 from typing import Self
+
+try:  # before any EGL context: see "Import order" above
+    import triton  # noqa: F401
+except ImportError:
+    pass
 
 import mujoco
 import numpy as np
