@@ -38,6 +38,7 @@ Choices (documented):
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Literal, NamedTuple
 
@@ -116,7 +117,9 @@ def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 class VLA(nn.Module):
-    def __init__(self, config: VLAConfig):
+    def __init__(self, config: VLAConfig, backbone_device: torch.device | str | None = None):
+        """``backbone_device="meta"`` builds the Llama without storage (a 7B backbone whose weights will be loaded:
+        ``parallelize`` then ``materialize`` it, then load, so it is never whole on one rank)."""
         super().__init__()
         self.config = config
         hidden = config.backbone.hidden_size
@@ -128,7 +131,8 @@ class VLA(nn.Module):
         if self.vision.discrete and self.vision.codebook_size != config.sequence.image_codebook_size:
             raise ValueError(f"sequence.image_codebook_size is {config.sequence.image_codebook_size} but the VQGAN "
                              f"has {self.vision.codebook_size} codes")
-        self.llm = Llama(config.backbone)
+        with torch.device(backbone_device) if backbone_device is not None else contextlib.nullcontext():
+            self.llm = Llama(config.backbone)
         self.image_embed = nn.Embedding(config.image_vocab_size, hidden) if self.vision.discrete else None
         self.latent_embed = nn.Embedding(latent_vocab, hidden)
         self.latent_head = nn.Linear(hidden, latent_vocab, bias=False)

@@ -44,7 +44,7 @@ from lapa_dist.parallel.distributed import (
     seed_everything,
 )
 from lapa_dist.parallel.layout import ParallelLayout
-from lapa_dist.parallel.tensor_parallel import copy_full_into, parallelize
+from lapa_dist.parallel.tensor_parallel import copy_full_into, materialize, parallelize
 from lapa_dist.train.checkpoint import load_checkpoint, prepare_resume, save_checkpoint
 from lapa_dist.train.config import RESUMABLE_CHANGES, DeepSpeedConfig, OptimConfig, TrainConfig
 from lapa_dist.train.engine import build_engine, engine_dtype
@@ -207,14 +207,18 @@ class VLATrainer:
         self.action_tokenizer = fit_action_tokenizer(config, self.run_dir, self.ctx.is_main) if finetune else None
         self.model_config = stage_model_config(config, self.action_tokenizer)
         self.tokenizer = AutoTokenizer.from_pretrained(config.tokenizer, local_files_only=True)
+        self.resume_tag, self.resume_universal = prepare_resume(self.run_dir, self.ctx.world_size, self.ctx.rank)
+        # The backbone is built without storage when every one of its weights is loaded afterwards (checkpoint,
+        # HF backbone or previous run): each rank then only ever allocates its own tensor-parallel slices.
+        backbone_loaded = self.resume_tag is not None or config.init.backbone or config.init.run
         torch.manual_seed(config.train.seed)  # identical initial weights on every rank
-        model = VLA(self.model_config)
+        model = VLA(self.model_config, backbone_device="meta" if backbone_loaded else None)
         if model.image_size != config.data.image_size:
             raise ValueError(f"data.image_size is {config.data.image_size} but the vision tower reads "
                              f"{model.image_size} x {model.image_size} images")
         if self.layout.tp > 1:
             parallelize(model.llm, self.layout)
-        self.resume_tag, self.resume_universal = prepare_resume(self.run_dir, self.ctx.world_size, self.ctx.rank)
+        materialize(model.llm, self.ctx.device)
         if self.resume_tag is None:
             for line in load_initial_weights(model, config.init, self.layout, finetune):
                 if self.ctx.is_main:
