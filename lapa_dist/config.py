@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -124,10 +125,12 @@ def _merge(base: dict, update: dict) -> dict:
 
 
 def save_config(config: BaseModel, run_dir: str | Path) -> Path:
-    """Write the resolved config as ``run_dir/config.json``."""
+    """Write the resolved config as ``run_dir/config.json``, atomically: other ranks may be reading it."""
     path = Path(run_dir) / "config.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(config.model_dump_json(indent=2) + "\n")
+    partial = path.with_name(f"config.json.partial-{os.getpid()}")
+    partial.write_text(config.model_dump_json(indent=2) + "\n")
+    os.replace(partial, path)
     return path
 
 

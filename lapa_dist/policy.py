@@ -36,7 +36,6 @@ from lapa_dist.models.vit_tower import read_vision_config
 from lapa_dist.models.vla import VLA, VLAConfig
 from lapa_dist.models.vla_sequence import build_prompt
 from lapa_dist.train.run_dir import RunDir
-from lapa_dist.train.weights import trained_state_dict
 
 FORMAT_NAME = "lapa_dist.policy"
 FORMAT_VERSION = 1
@@ -90,7 +89,7 @@ def read_policy_description(directory: str | Path) -> dict:
 def export_policy(run_dir: str | Path, out_dir: str | Path, tag: str | None = None,
                   dtype: torch.dtype | None = None) -> Path:
     """Write the policy directory of a VLA run's newest (or ``tag``) checkpoint; returns ``out_dir``."""
-    from lapa_dist.train.vla import VLARunConfig, stage_model_config
+    from lapa_dist.train.vla import VLARunConfig, run_weights, stage_model_config
 
     run = RunDir(run_dir)
     config_path = run.path / "config.json"
@@ -99,7 +98,7 @@ def export_policy(run_dir: str | Path, out_dir: str | Path, tag: str | None = No
     run_config = VLARunConfig.model_validate_json(config_path.read_text())
     action_tokenizer = ActionTokenizer.load(run.path) if run_config.stage == "finetune" else None
     model_config = stage_model_config(run_config, action_tokenizer)
-    state, source = trained_state_dict(run, tag, prefer_ema=False)
+    state, source = run_weights(run.path, tag)  # LoRA adapters folded in: the policy has plain weights
     model = VLA(model_config)
     model.load_state_dict(state)  # checks every key and shape before anything is written
     dtype = dtype or (torch.bfloat16 if run_config.deepspeed.precision == "bf16" else torch.float32)

@@ -2,8 +2,8 @@
 
     deepspeed --num_gpus N launch/pretrain.py --config configs/openx.json --run-dir runs/vla [--set k=v]
 
-Multi-node: ``deepspeed --hostfile launch/hostfile ...`` or launch/slurm.sh. Re-running the same command on the
-same --run-dir resumes from its newest complete checkpoint.
+Multi-node: ``deepspeed --hostfile launch/hostfile.example ...`` or launch/slurm.sbatch (see README).
+Re-running the same command on the same --run-dir resumes from its newest complete checkpoint.
 """
 
 import sys

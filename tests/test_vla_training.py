@@ -11,11 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from lapa_dist.models.action_tokenizer import ActionTokenizer
 from lapa_dist.policy import Policy, export_policy
 from lapa_dist.train.metrics import TIMING_KEYS
-from lapa_dist.train.vla import run_stage
+from lapa_dist.train.vla import run_stage, run_weights
 from tests.launch_helpers import run_deepspeed, run_until_then_kill
 from tests.vla_helpers import FINETUNE, PRETRAIN, labelled_sprites, tiny_tokenizer_dir, vla_args
 
@@ -73,16 +74,24 @@ def test_resume_on_another_data_parallel_size(pretrain_run, assets, tmp_path):
     assert records[-1]["token_loss"] < records[0]["token_loss"]
 
 
-def test_finetune_with_tensor_and_data_parallelism_then_export_and_act(pretrain_run, assets, tmp_path):
+def test_lora_finetune_with_tensor_and_data_parallelism_then_export_and_act(pretrain_run, assets, tmp_path):
     run_dir = tmp_path / "finetune"
     args = vla_args(FINETUNE, run_dir, assets["data"], assets["tokenizer"], f"init.run={pretrain_run}",
-                    "parallel.tensor_parallel=2", "deepspeed.zero_stage=1")
+                    "parallel.tensor_parallel=2", "deepspeed.zero_stage=1", "lora.enabled=true", "lora.rank=4")
     result = run_deepspeed("launch/finetune.py", args, ranks=4)
     assert "init: run" in result.stdout and "new latent/action head" in result.stdout
     records = metrics(run_dir)
     assert records[-1]["token_loss"] < 0.7 * records[0]["token_loss"], records
     assert all(r["actions_out_of_range"] == 0 for r in records)
-    assert len(list((run_dir / "checkpoints" / "step-00000030").glob("mp_rank_*_model_states.pt"))) == 2
+    checkpoint = run_dir / "checkpoints" / "step-00000030"
+    assert len(list(checkpoint.glob("mp_rank_*_model_states.pt"))) == 2
+
+    state, source = run_weights(run_dir)  # TP slices gathered, adapters folded into the base weights
+    assert "LoRA merged" in source and not any("lora_" in name for name in state)
+    pretrained, _ = run_weights(pretrain_run)
+    moved = {name for name in pretrained if name.startswith("llm.")
+             and not torch.equal(state[name], pretrained[name].to(state[name].dtype))}
+    assert moved and all(name.endswith("_proj.weight") for name in moved), moved  # only adapted projections
 
     policy_dir = export_policy(run_dir, tmp_path / "policy")
     policy = Policy.from_pretrained(policy_dir, device="cpu")
@@ -107,6 +116,18 @@ def test_launcher_rejects_a_config_of_the_other_stage(assets, tmp_path, capsys):
     args = vla_args(FINETUNE, tmp_path / "run", assets["data"], assets["tokenizer"], "init.run=null")
     assert run_stage("pretrain", "", args) == 2
     assert "this launcher runs 'pretrain', the config says 'finetune'" in capsys.readouterr().err
+
+
+def test_missing_init_weights_stop_the_launcher_with_a_message(assets, tmp_path):
+    import subprocess
+    import sys
+
+    from tests.launch_helpers import ROOT, environment
+
+    args = vla_args(FINETUNE, tmp_path / "run", assets["data"], assets["tokenizer"], f"init.run={tmp_path / 'nope'}")
+    result = subprocess.run([sys.executable, "launch/finetune.py", *args], cwd=ROOT, env=environment(),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and f"init.run: {tmp_path / 'nope'} does not exist" in result.stderr
 
 
 def test_bad_inputs_get_clear_errors(pretrain_run, tmp_path):

@@ -12,19 +12,9 @@ Stages (each skipped when its output exists; training resumes from its newest ch
 from __future__ import annotations
 
 import argparse
-import subprocess
-import sys
-from pathlib import Path
 
-from lapa_dist.parallel.distributed import deepspeed_launcher
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def run(command: list[str]) -> None:
-    print("+", " ".join(command), flush=True)
-    subprocess.run(command, check=True, cwd=ROOT)
-
+from lapa_dist import pipeline
+from lapa_dist.pipeline import ROOT
 
 
 def main(argv=None) -> int:
@@ -37,18 +27,13 @@ def main(argv=None) -> int:
     parser.add_argument("--port", type=int, default=29870)
     args = parser.parse_args(argv)
     out = (ROOT / args.out).resolve()
-    shards, run_dir, labelled = out / "shards", out / "laq", out / "labelled"
-    if not (shards / "manifest.json").is_file():
-        run([sys.executable, "tools/make_shards.py", "--source", "metaworld", "--tasks", "MT10", "--episodes",
-             str(args.episodes), "--resolution", "64", "--seed", "0", "--processes", "2", "--units-per-shard", "4",
-             "--output", str(shards)])
-    run([*deepspeed_launcher(args.ranks, args.port), "launch/train_laq.py", "--config", "configs/laq/metaworld.json",
-         "--run-dir", str(run_dir), "--set", f"data.datasets.0.path={shards}",
-         "--set", f"data.datasets.0.offset_frames={args.offset_frames}", "--set", f"train.steps={args.steps}"])
-    run([*deepspeed_launcher(args.ranks, args.port + 1), "launch/label.py", "--laq", str(run_dir),
-         "--input", str(shards), "--output", str(labelled), "--set", f"offset_frames={args.offset_frames}"])
-    run([sys.executable, "tools/laq_report.py", "--laq", str(run_dir), "--shards", str(labelled),
-         "--out", str(out / "report")])
+    shards = pipeline.metaworld_shards(out / "shards", "MT10", args.episodes, seed=0, units_per_shard=4)
+    run_dir = out / "laq"
+    pipeline.train("launch/train_laq.py", "configs/laq/metaworld.json", run_dir, args.steps, args.ranks, args.port,
+                   [f"data.datasets.0.path={shards}", f"data.datasets.0.offset_frames={args.offset_frames}"],
+                   save_every=500)
+    labelled = pipeline.label(run_dir, shards, out / "labelled", args.offset_frames, args.port + 1, args.ranks)
+    pipeline.run("tools/laq_report.py", "--laq", str(run_dir), "--shards", str(labelled), "--out", str(out / "report"))
     return 0
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -34,6 +35,7 @@ from lapa_dist.data.config import DataConfig
 from lapa_dist.data.loader import VideoLoader
 from lapa_dist.models.action_tokenizer import TOKENIZER_FILENAME, ActionTokenizer
 from lapa_dist.models.hf_llama import load_hf_checkpoint
+from lapa_dist.models.lora import LoRAConfig, apply_lora, merge_lora_state_dict
 from lapa_dist.models.vla import VLA, VLAConfig
 from lapa_dist.models.vla_sequence import SequenceConfig, build_example, collate_examples
 from lapa_dist.parallel.distributed import (
@@ -96,6 +98,8 @@ class VLARunConfig(StrictModel):
     actions: ActionBinsConfig = ActionBinsConfig()
     parallel: ParallelConfig = ParallelConfig()
     init: InitConfig = InitConfig()
+    lora: LoRAConfig = LoRAConfig()
+    """Low-rank adapters on the backbone's projections (its base weights then stay frozen)."""
     optim: OptimConfig = OptimConfig(lr=2e-5, betas=(0.9, 0.95), grad_clip=1.0)
     deepspeed: DeepSpeedConfig = DeepSpeedConfig()
     train: TrainConfig = TrainConfig()
@@ -143,8 +147,12 @@ def load_initial_weights(model: VLA, init: InitConfig, layout: ParallelLayout, f
     what was loaded, for the log."""
     loaded = []
     params = dict(model.named_parameters())
+    for field in ("run", "backbone", "image_embed"):
+        path = getattr(init, field)
+        if path and not Path(path).exists():
+            raise FileNotFoundError(f"init.{field}: {path} does not exist")
     if init.run:
-        state, source = trained_state_dict(RunDir(init.run), prefer_ema=False)
+        state, source = run_weights(init.run)
         skip = set(HEAD_PARAMETERS) if finetune else set()
         unknown = sorted(name for name in state if name not in params and name not in skip)
         if unknown:
@@ -173,6 +181,16 @@ def load_initial_weights(model: VLA, init: InitConfig, layout: ParallelLayout, f
     return loaded
 
 
+def run_weights(run_dir: str | Path, tag: str | None = None) -> tuple[dict, str]:
+    """The full state dict of a VLA run (LoRA adapters folded into the base weights) and its description."""
+    state, source = trained_state_dict(RunDir(run_dir), tag, prefer_ema=False)
+    lora = VLARunConfig.model_validate_json((Path(run_dir) / "config.json").read_text()).lora
+    if lora.enabled:
+        state = merge_lora_state_dict(state, lora)
+        source += ", LoRA merged"
+    return state, source
+
+
 class ExampleBuilder:
     """Instruction + target tokens -> one sequence example, cached: a run sees few distinct instructions, and
     the image positions are placeholders (the tower fills them on the device)."""
@@ -192,6 +210,20 @@ class ExampleBuilder:
             self.cache[key] = build_example(self.tokenizer, instruction, self.image_placeholder, target_tokens,
                                             self.sequence)
         return self.cache[key]
+
+
+def model_batch(batch: dict, examples: ExampleBuilder, pad_token_id: int, action_tokenizer: ActionTokenizer | None,
+                device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """A loader batch (frames view) -> the model's batch on ``device``: sequences [B, T] built around the target
+    tokens (the latent codes, or the actions tokenized by ``action_tokenizer``) and images [B, 3, S, S]."""
+    targets = (batch["target"].long() if action_tokenizer is None
+               else torch.from_numpy(action_tokenizer.encode(batch["target"].numpy())))  # [B, s]
+    rows = [examples(instruction, tokens) for instruction, tokens in zip(batch["instruction"], targets)]
+    sequences = collate_examples(rows, pad_token_id=pad_token_id)
+    on_device = {name: value.to(device, non_blocking=True) for name, value in sequences.items()}
+    on_device["loss_weight"] = on_device["loss_weight"].float()
+    on_device["images"] = batch["x_t"].to(device, non_blocking=True).to(dtype).div_(255)
+    return on_device
 
 
 class VLATrainer:
@@ -223,6 +255,7 @@ class VLATrainer:
             for line in load_initial_weights(model, config.init, self.layout, finetune):
                 if self.ctx.is_main:
                     print(f"init: {line}", flush=True)
+        apply_lora(model.llm, config.lora, self.layout)  # after loading: the base keys stay plain
         self.engine = build_engine(model, config.optim, config.deepspeed, config.data.batch_size, self.layout.dp,
                                    config.train.steps, self.resume_universal, self.layout.mpu())
         self.dtype = engine_dtype(config.deepspeed)
@@ -243,21 +276,9 @@ class VLATrainer:
             self.run_dir.truncate_metrics(self.step)
             print(f"resumed from {self.resume_tag} (step {self.step})", flush=True)
 
-    def target_tokens(self, batch: dict) -> torch.Tensor:
-        """The batch's target tokens [B, s]: latent codes, or the tokenized actions."""
-        if self.action_tokenizer is None:
-            return batch["target"].long()
-        return torch.from_numpy(self.action_tokenizer.encode(batch["target"].numpy()))
-
     def model_batch(self, batch: dict) -> dict[str, torch.Tensor]:
-        """A loader batch -> the model's batch on the device: sequences [B, T] and images [B, 3, S, S]."""
-        targets = self.target_tokens(batch)
-        examples = [self.examples(instruction, tokens) for instruction, tokens in zip(batch["instruction"], targets)]
-        sequences = collate_examples(examples, pad_token_id=self.tokenizer.pad_token_id or 0)
-        model_batch = {name: value.to(self.ctx.device, non_blocking=True) for name, value in sequences.items()}
-        model_batch["loss_weight"] = model_batch["loss_weight"].float()
-        model_batch["images"] = batch["x_t"].to(self.ctx.device, non_blocking=True).to(self.dtype).div_(255)
-        return model_batch
+        return model_batch(batch, self.examples, self.tokenizer.pad_token_id or 0, self.action_tokenizer,
+                           self.ctx.device, self.dtype)
 
     def train_step(self, batches: Iterator[dict]) -> tuple[dict, float, int]:
         """One optimizer step over gradient_accumulation micro-batches: (metrics tensors of the last micro-batch,
@@ -267,9 +288,9 @@ class VLATrainer:
             start = time.perf_counter()
             batch = next(batches)
             data_wait += time.perf_counter() - start
-            model_batch = self.model_batch(batch)
-            tokens += int(model_batch["attention_mask"].sum())
-            output = self.engine(model_batch)
+            inputs = self.model_batch(batch)
+            tokens += int(inputs["attention_mask"].sum())
+            output = self.engine(inputs)
             self.engine.backward(output.loss)
             self.engine.step()
         values = {"loss": output.loss.detach().float(), "token_loss": output.latent_loss,
@@ -329,7 +350,7 @@ def run_stage(stage: str, description: str, argv: list[str] | None = None) -> in
         if config.stage != stage:
             raise ConfigError(f"stage: this launcher runs {stage!r}, the config says {config.stage!r}")
         trainer = VLATrainer(config, args.run_dir)
-    except ConfigError as error:
+    except (ConfigError, FileNotFoundError, ValueError) as error:  # bad config, init weights, data or tokenizer
         print(f"{stage}: {error}", file=sys.stderr)
         return 2
     trainer.train()

@@ -6,7 +6,7 @@ import json
 
 import torch
 
-from lapa_dist.parallel.tensor_parallel import planned_partition_dim
+from lapa_dist.models.lora import planned_partition_dim_with_lora
 from lapa_dist.train.run_dir import RunDir
 
 TP_ROOT = "llm."
@@ -48,6 +48,6 @@ def _merge_tensor_parallel(directory, tp: int) -> dict[str, torch.Tensor]:
                          weights_only=False)["module"] for rank in range(tp)]
     merged = {}
     for name, first in slices[0].items():
-        dim = planned_partition_dim(name[len(TP_ROOT):]) if name.startswith(TP_ROOT) else None
+        dim = planned_partition_dim_with_lora(name[len(TP_ROOT):]) if name.startswith(TP_ROOT) else None
         merged[name] = first if dim is None else torch.cat([piece[name] for piece in slices], dim=dim)
     return merged
