@@ -137,11 +137,13 @@ def test_bad_inputs_get_clear_errors(pretrain_run, tmp_path):
         Policy.from_pretrained(tmp_path)
 
 
-def parity(tmp_path: Path, assets: dict, name: str, model: dict, zero: int, tp: int, ranks: int) -> dict:
+def parity(tmp_path: Path, assets: dict, name: str, model: dict, zero: int, tp: int, ranks: int,
+           accumulation: int = 1) -> dict:
     config = tmp_path / f"{name}.json"
     config.write_text(json.dumps({"model": model}))
     run_deepspeed(PARITY_SCRIPT, ["--name", name, "--config", str(config), "--tokenizer", str(assets["tokenizer"]),
-                                  "--zero", str(zero), "--tp", str(tp), "--out", str(tmp_path)], ranks=ranks)
+                                  "--zero", str(zero), "--tp", str(tp), "--accumulation", str(accumulation),
+                                  "--out", str(tmp_path)], ranks=ranks)
     return json.loads((tmp_path / f"{name}.json").read_text())
 
 
@@ -152,14 +154,15 @@ def assert_matches_one_process(result: dict) -> None:
     assert result["max_weight_diff"] < 1e-4, result
 
 
-def test_zero3_on_two_ranks_matches_one_process_with_the_vit_tower(assets, tmp_path):
+def test_zero3_with_gradient_accumulation_on_two_ranks_matches_one_process_with_the_vit_tower(assets, tmp_path):
     model = json.loads(PRETRAIN.read_text())["model"]
     vit = {"family": "siglip", "image_size": 32, "freeze": True,
            "hf_config": {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "patch_size": 8,
                          "image_size": 32, "intermediate_size": 64}}
     model["vision"] = {"tower": "vit", "vit": vit}
     model["sequence"]["end_of_vision_id"] = None
-    assert_matches_one_process(parity(tmp_path, assets, "zero3_vit", model, zero=3, tp=1, ranks=2))
+    # each rank's 2 rows as 2 micro-batches of 1: the same global batch of 4 per optimizer step
+    assert_matches_one_process(parity(tmp_path, assets, "zero3_vit", model, zero=3, tp=1, ranks=2, accumulation=2))
 
 
 def test_tp2_by_dp2_zero2_matches_one_process_with_the_vqgan_tower(assets, tmp_path):

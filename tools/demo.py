@@ -30,6 +30,7 @@ def main(argv=None) -> int:
     parser.add_argument("--finetune-episodes", type=int, default=2, help="Labelled demos per task for finetuning.")
     parser.add_argument("--eval-episodes", type=int, default=2, help="Closed-loop episodes per task.")
     parser.add_argument("--eval-max-steps", type=int, default=100, help="Steps per closed-loop episode.")
+    parser.add_argument("--port", type=int, default=29561, help="First of the 4 master ports the stages use.")
     args = parser.parse_args(argv)
     out = ROOT / args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -40,20 +41,20 @@ def main(argv=None) -> int:
     run("tools/profile_data.py", "--shards", str(shards), "--offset-frames", str(OFFSET_FRAMES), "--image-size",
         "64", "--seconds", "2", "--rounds", "1", "--markdown", str(out / "loader_throughput.md"))
     laq = out / "laq"
-    pipeline.train("launch/train_laq.py", "configs/laq/metaworld.json", laq, args.laq_steps, 2, 29561, [
+    pipeline.train("launch/train_laq.py", "configs/laq/metaworld.json", laq, args.laq_steps, 2, args.port, [
         f"data.datasets.0.path={shards}", "logging.log_every=25",
         # a short run: replace dead codes every 10 steps throughout (measured at 200 steps: 6 of 8 codes
         # used instead of 1 with the reference schedule, which is every 100 steps after step 100)
         "model.nsvq.replace_schedule=[[1000000000,10]]"])
-    labelled = pipeline.label(laq, shards, out / "labelled", OFFSET_FRAMES, 29562)
+    labelled = pipeline.label(laq, shards, out / "labelled", OFFSET_FRAMES, args.port + 1)
 
     tokenizer = pipeline.tokenizer(out / "tokenizer")
     pretrain, finetune = out / "vla_pretrain", out / "vla_finetune"
-    pipeline.train("launch/pretrain.py", "configs/vla/metaworld_pretrain.json", pretrain, args.vla_steps, 2, 29563,
-                   [f"data.datasets.0.path={labelled}", f"tokenizer={tokenizer}"])
+    pipeline.train("launch/pretrain.py", "configs/vla/metaworld_pretrain.json", pretrain, args.vla_steps, 2,
+                   args.port + 2, [f"data.datasets.0.path={labelled}", f"tokenizer={tokenizer}"])
     demos = pipeline.metaworld_shards(out / "metaworld_finetune", "MT10", args.finetune_episodes, seed=1)
-    pipeline.train("launch/finetune.py", "configs/vla/metaworld_finetune.json", finetune, args.vla_steps, 2, 29564,
-                   [f"data.datasets.0.path={demos}", f"tokenizer={tokenizer}", f"init.run={pretrain}"])
+    pipeline.train("launch/finetune.py", "configs/vla/metaworld_finetune.json", finetune, args.vla_steps, 2,
+                   args.port + 3, [f"data.datasets.0.path={demos}", f"tokenizer={tokenizer}", f"init.run={pretrain}"])
     policy = pipeline.export(finetune, out / "policy")
     evaluation = pipeline.evaluate(policy, out / "eval", "MT10", args.eval_episodes, args.eval_max_steps, seed=0)
 

@@ -4,7 +4,7 @@ Rank 0 trains a plain copy of the model in one process on the whole global batch
 every rank then trains the same initial model through ``lapa_dist.train.engine.build_engine`` under the given
 ZeRO stage and tensor-parallel size, each data-parallel replica on its rows of the global batch. Rank 0 writes
 per-step losses and gradient norms of both, and the largest difference of the final weights, to OUT/<name>.json;
-the test decides what passes.
+the test decides what passes. ``--accumulation k`` feeds each replica's rows as k micro-batches per step.
 """
 
 from __future__ import annotations
@@ -82,6 +82,7 @@ def main() -> None:
     parser.add_argument("--tokenizer", type=Path, required=True)
     parser.add_argument("--zero", type=int, required=True)
     parser.add_argument("--tp", type=int, default=1)
+    parser.add_argument("--accumulation", type=int, default=1)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--local_rank", type=int, default=0)  # passed by the deepspeed launcher
     args = parser.parse_args()
@@ -96,17 +97,21 @@ def main() -> None:
     ref_losses, ref_norms = reference_training(reference, batch) if reference is not None else (None, None)
     if layout.tp > 1:
         parallelize(model.llm, layout)
-    engine = build_engine(model, OPTIM, DeepSpeedConfig(zero_stage=args.zero), MICRO, layout.dp, STEPS,
-                          mpu=layout.mpu())
-    mine = rows(batch, layout.dp_rank * MICRO, (layout.dp_rank + 1) * MICRO)  # same rows on a replica's TP ranks
+    micro = MICRO // args.accumulation
+    engine = build_engine(model, OPTIM, DeepSpeedConfig(zero_stage=args.zero, gradient_accumulation=args.accumulation),
+                          micro, layout.dp, STEPS, mpu=layout.mpu())
+    start = layout.dp_rank * MICRO  # a replica's rows; the same on its TP ranks
+    micro_batches = [rows(batch, start + i * micro, start + (i + 1) * micro) for i in range(args.accumulation)]
     losses, norms = [], []
     for _ in range(STEPS):
-        loss = engine(mine).loss
-        engine.backward(loss)
-        engine.step()
-        global_loss = loss.detach().clone()
-        dist.all_reduce(global_loss, group=layout.dp_group)
-        losses.append(global_loss.item() / layout.dp)
+        step_loss = torch.zeros(())
+        for inputs in micro_batches:
+            loss = engine(inputs).loss
+            engine.backward(loss)
+            engine.step()
+            step_loss += loss.detach() / args.accumulation
+        dist.all_reduce(step_loss, group=layout.dp_group)
+        losses.append(step_loss.item() / layout.dp)
         norms.append(float(engine.get_global_grad_norm()))
     full = full_weights(engine, layout, args.zero)
     if context.is_main:
