@@ -14,7 +14,7 @@ def test_demo_runs_end_to_end_then_resumes_without_work(tmp_path):
     for _ in range(4):
         free_port()  # the demo uses port .. port + 3
     command = [sys.executable, "tools/demo.py", "--out", str(tmp_path / "demo"), "--episodes", "1", "--laq-steps", "10",
-               "--vla-steps", "10", "--finetune-episodes", "1", "--eval-episodes", "1", "--eval-max-steps", "3",
+               "--vla-steps", "50", "--finetune-episodes", "1", "--eval-episodes", "1", "--eval-max-steps", "3",
                "--port", str(port)]
     first = subprocess.run(command, cwd=ROOT, env=dict(environment(), MUJOCO_GL="egl"), capture_output=True,
                            text=True, timeout=1200)
@@ -24,6 +24,9 @@ def test_demo_runs_end_to_end_then_resumes_without_work(tmp_path):
     results = json.loads((out / "eval" / "results.json").read_text())
     assert len(results["tasks"]) == 10 and all(task["episodes"] == 1 for task in results["tasks"])
     assert (out / "policy" / "policy.json").is_file() and (out / "labelled" / "label_stats.json").is_file()
+    for stage in ("vla_pretrain", "vla_finetune"):  # latent pretraining and finetuning on Meta-World lower their loss
+        records = [json.loads(line) for line in (out / stage / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in records] == [25, 50] and records[1]["token_loss"] < records[0]["token_loss"]
     again = subprocess.run(command, cwd=ROOT, env=dict(environment(), MUJOCO_GL="egl"), capture_output=True,
                            text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]

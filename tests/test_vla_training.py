@@ -112,6 +112,19 @@ def test_lora_finetune_with_tensor_and_data_parallelism_then_export_and_act(pret
         latent_policy.predict(images, INSTRUCTIONS)
 
 
+def test_bf16_pretraining_trains_and_exports_bf16_weights(assets, tmp_path):
+    run_dir = tmp_path / "bf16"
+    run_deepspeed("launch/pretrain.py", pretrain(run_dir, assets, "deepspeed.precision=bf16", "deepspeed.zero_stage=2",
+                                                 "train.steps=20", "optim.lr=0.01"), ranks=1)
+    records = metrics(run_dir)
+    assert all(np.isfinite(r["loss"]) for r in records)
+    assert records[-1]["token_loss"] < 0.8 * records[0]["token_loss"], records
+    policy = Policy.from_pretrained(export_policy(run_dir, tmp_path / "policy"))
+    assert policy.dtype == torch.bfloat16 and policy.metadata["dtype"] == "bfloat16"
+    images = np.zeros((2, 32, 32, 3), dtype=np.uint8)
+    assert policy.predict_latent(images, INSTRUCTIONS[:2]).shape == (2, 4)
+
+
 def test_launcher_rejects_a_config_of_the_other_stage(assets, tmp_path, capsys):
     args = vla_args(FINETUNE, tmp_path / "run", assets["data"], assets["tokenizer"], "init.run=null")
     assert run_stage("pretrain", "", args) == 2
