@@ -332,26 +332,13 @@ class VLATrainer:
         logger.close()
 
 
-
 def run_stage(stage: str, description: str, argv: list[str] | None = None) -> int:
-    """The body of launch/pretrain.py and launch/finetune.py: parse, check the stage, train; 2 on a bad config."""
-    import argparse
-    import sys
+    """The body of launch/pretrain.py and launch/finetune.py: the launcher of ``stage`` refuses the other's config."""
+    from lapa_dist.config import ConfigError
+    from lapa_dist.train.launcher import run_trainer
 
-    from lapa_dist.config import ConfigError, add_config_arguments, config_from_args
-
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_arguments(parser)
-    parser.add_argument("--run-dir", required=True, help="Directory for config.json, metrics.jsonl, checkpoints/.")
-    parser.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
-    args = parser.parse_args(argv)
-    try:
-        config = config_from_args(VLARunConfig, args)
+    def check(config: VLARunConfig) -> None:
         if config.stage != stage:
             raise ConfigError(f"stage: this launcher runs {stage!r}, the config says {config.stage!r}")
-        trainer = VLATrainer(config, args.run_dir)
-    except (ConfigError, FileNotFoundError, ValueError) as error:  # bad config, init weights, data or tokenizer
-        print(f"{stage}: {error}", file=sys.stderr)
-        return 2
-    trainer.train()
-    return 0
+
+    return run_trainer(stage, description, VLARunConfig, VLATrainer, argv, check)
