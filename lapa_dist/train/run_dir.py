@@ -44,6 +44,8 @@ class RunDir:
         if is_main:
             self.checkpoints.mkdir(parents=True, exist_ok=True)
             save_config(config, self.path)
+            if self.latest_checkpoint() is None:
+                self.truncate_metrics(0)  # a run restarted before its first checkpoint logs its steps again
 
     def latest_checkpoint(self) -> str | None:
         """Tag of the newest checkpoint that has its COMPLETE marker, or None."""
