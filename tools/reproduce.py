@@ -64,7 +64,7 @@ def pretrain_shared(args, out: Path, videos: Path, tokenizer: Path) -> dict[str,
 def pretrain_vpt(args, split_dir: Path, videos: Path, demos: Path, tokenizer: Path) -> Path:
     """The IDM learns from the split's labelled demos only, then pseudo-labels the videos for pretraining."""
     idm, pseudo, run_dir = split_dir / "vpt_idm", split_dir / "videos_vpt", split_dir / "pretrain_vpt"
-    if not (idm / "idm_metrics.json").is_file():
+    if not (idm / "val_metrics.json").is_file():
         run("tools/vpt.py", "train", "--labelled", str(demos), "--out", str(idm))
     if not (pseudo / "manifest.json").is_file():
         run("tools/vpt.py", "label", "--idm", str(idm), "--input", str(videos), "--output", str(pseudo))
