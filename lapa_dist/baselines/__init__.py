@@ -1,0 +1,1 @@
+"""Baselines the paper compares LAPA with (VPT: pseudo-labels from an inverse-dynamics model)."""
