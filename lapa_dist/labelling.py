@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ import torch
 from pydantic import Field
 
 from lapa_dist.data.config import FrameOffset
-from lapa_dist.data.format import Manifest, npy_bytes, npy_load, sidecar_path
+from lapa_dist.data.format import ClipMeta, Manifest, npy_bytes, npy_load, sidecar_path
 from lapa_dist.data.reader import BadSample, RawSample, decode_sample_frames, iter_raw_samples, parse_meta
 from lapa_dist.data.transforms import crop_square, resized_size
 from lapa_dist.data.writer import ShardWriter
@@ -54,50 +55,63 @@ def encode_clip(model: LAQ, frames: torch.Tensor, offset: int, batch_size: int, 
     return torch.cat(codes).numpy().astype(np.int16)
 
 
-def label_shard(
-    model: LAQ, config: LabelConfig, input_path: Path, output_path: Path, device: torch.device, problems: Counter
-) -> None:
-    image_size = model.config.image_size
+def relabel_shard(input_path: Path, output_path: Path, label: Callable[[RawSample, ClipMeta], dict[str, bytes]],
+                  counts: Counter) -> None:
+    """Copy a shard clip by clip with the members ``label(sample, meta)`` returns added or replaced (video bytes
+    unchanged). A clip that ``label`` rejects with BadSample is copied as it is (dropped when its json is
+    unreadable); ``counts`` gets the reason, ``clips_labelled`` and ``clips_copied_unlabelled``."""
     with ShardWriter(output_path) as writer:
         for sample in iter_raw_samples(input_path):
             if isinstance(sample, BadSample):  # truncated tar: nothing more to copy from this shard
-                problems[sample.reason] += 1
+                counts[sample.reason] += 1
                 log.warning("%s: %s", input_path.name, sample)
                 break
-            members, meta = dict(sample.members), None
+            meta = None
             try:
                 meta = parse_meta(sample)
-                offset = config.offset_for(meta.fps)
-                if meta.num_frames < offset + 1:
-                    raise BadSample(sample.key, "too_short", f"{meta.num_frames} frames, H = {offset}")
-                latents = encode_clip(model, clip_frames(sample, image_size), offset, config.batch_size, device)
-                if latents.shape[0] != meta.num_frames - offset:
-                    raise BadSample(sample.key, "undecodable_video", "fewer frames than the json says")
+                members = {**sample.members, **label(sample, meta)}
             except BadSample as bad:
-                problems[bad.reason] += 1
+                counts[bad.reason] += 1
                 log.warning("not labelled%s: %s", "" if meta else " (dropped)", bad)
-                if meta is not None:  # a readable clip is copied unchanged, without latents
-                    writer.write_members(sample.key, members)
+                if meta is not None:  # a readable clip is copied unchanged
+                    writer.write_members(sample.key, dict(sample.members))
+                    counts["clips_copied_unlabelled"] += 1
                 continue
-            members["json"] = (
-                meta.model_copy(update={"latent_offset": offset}).model_dump_json(exclude_none=True).encode()
-            )
-            members["latents.npy"] = npy_bytes(latents)
             writer.write_members(sample.key, members)
+            counts["clips_labelled"] += 1
+
+
+def label_shard(
+    model: LAQ, config: LabelConfig, input_path: Path, output_path: Path, device: torch.device, counts: Counter
+) -> None:
+    image_size = model.config.image_size
+
+    def latent_members(sample: RawSample, meta: ClipMeta) -> dict[str, bytes]:
+        offset = config.offset_for(meta.fps)
+        if meta.num_frames < offset + 1:
+            raise BadSample(sample.key, "too_short", f"{meta.num_frames} frames, H = {offset}")
+        latents = encode_clip(model, clip_frames(sample, image_size), offset, config.batch_size, device)
+        if latents.shape[0] != meta.num_frames - offset:
+            raise BadSample(sample.key, "undecodable_video", "fewer frames than the json says")
+        labelled = meta.model_copy(update={"latent_offset": offset})
+        return {"json": labelled.model_dump_json(exclude_none=True).encode(), "latents.npy": npy_bytes(latents)}
+
+    relabel_shard(input_path, output_path, latent_members, counts)
 
 
 def label_shard_set(
     model: LAQ, config: LabelConfig, input_dir: Path, output_dir: Path, rank: int, world_size: int, device: torch.device
 ) -> Counter:
-    """Label this rank's shards (shard i -> rank i % world_size); returns the problems met."""
+    """Label this rank's shards (shard i -> rank i % world_size); returns the clip counts (labelled, copied
+    unlabelled, and problems by reason)."""
     manifest = Manifest.read(input_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    problems: Counter = Counter()
+    counts: Counter = Counter()
     for index, shard in enumerate(manifest.shards):
         output_path = output_dir / shard.name
         if index % world_size == rank and not sidecar_path(output_path).is_file():
-            label_shard(model, config, input_dir / shard.name, output_path, device, problems)
-    return problems
+            label_shard(model, config, input_dir / shard.name, output_path, device, counts)
+    return counts
 
 
 def latent_distribution(output_dir: Path, top: int = 20) -> dict:

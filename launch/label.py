@@ -37,15 +37,15 @@ def main(argv=None) -> int:
     model, source = load_trained_laq(args.laq, ctx.device)
     if ctx.is_main:
         print(f"labelling {args.input} -> {args.output} with {source}", flush=True)
-    problems = label_shard_set(model, config, Path(args.input), Path(args.output), ctx.rank, ctx.world_size, ctx.device)
-    all_problems = sum(gather_objects(problems), Counter())
+    counts = label_shard_set(model, config, Path(args.input), Path(args.output), ctx.rank, ctx.world_size, ctx.device)
+    all_counts = sum(gather_objects(counts), Counter())
     barrier()
     if ctx.is_main:
         Manifest.gather(Path(args.output), source=f"labelled:{Manifest.read(args.input).source}").write(
             Path(args.output)
         )
         stats = latent_distribution(Path(args.output))
-        stats["problems_this_run"] = dict(all_problems)
+        stats["clips_this_run"] = dict(all_counts)  # labelled, copied unlabelled, problems by reason
         (Path(args.output) / "label_stats.json").write_text(json.dumps(stats, indent=1))
         print(json.dumps({k: stats[k] for k in ("pairs", "distinct_latent_actions")}))
         for row in stats["top"][:10]:

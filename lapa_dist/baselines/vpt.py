@@ -60,12 +60,11 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from lapa_dist.config import StrictModel
 from lapa_dist.data.config import AugmentConfig, DataConfig, DatasetSpec
-from lapa_dist.data.format import Manifest, npy_bytes, sidecar_path, write_json_atomic
+from lapa_dist.data.format import ClipMeta, Manifest, npy_bytes, sidecar_path, write_json_atomic
 from lapa_dist.data.loader import VideoLoader
 from lapa_dist.data.reader import BadSample, RawSample, iter_raw_samples, parse_arrays, parse_meta
-from lapa_dist.data.writer import ShardWriter
 from lapa_dist.eval.probes import r_squared
-from lapa_dist.labelling import clip_frames
+from lapa_dist.labelling import clip_frames, relabel_shard
 from lapa_dist.train.config import OptimConfig
 from lapa_dist.train.engine import lr_lambda
 from lapa_dist.train.metrics import LoggingConfig, MetricsLogger
@@ -515,29 +514,14 @@ def load_idm(idm_dir: str | os.PathLike, device: str | torch.device = "cpu") -> 
 def pseudo_label_shard(model: IDM, input_path: Path, output_path: Path, source: str, batch_size: int,
                        device: torch.device, counts: Counter) -> None:
     """Copy one shard with the IDM's actions added to every clip that can be labelled."""
-    with ShardWriter(output_path) as writer:
-        for sample in iter_raw_samples(input_path):
-            if isinstance(sample, BadSample):  # truncated tar: nothing more to copy from this shard
-                counts[sample.reason] += 1
-                log.warning("%s: %s", input_path.name, sample)
-                break
-            members, meta = dict(sample.members), None
-            try:
-                meta = parse_meta(sample)
-                actions = clip_predictions(model, sample, batch_size, device)
-            except BadSample as bad:
-                counts[bad.reason] += 1
-                log.warning("not labelled%s: %s", "" if meta else " (dropped)", bad)
-                if meta is not None:  # a readable clip is copied unchanged
-                    writer.write_members(sample.key, members)
-                    counts["clips_copied_unlabelled"] += 1
-                continue
-            extra = {**meta.extra, "actions_source": source}
-            labelled = meta.model_copy(update={"action_dim": actions.shape[1], "extra": extra})
-            members["json"] = labelled.model_dump_json(exclude_none=True).encode()
-            members["actions.npy"] = npy_bytes(actions)
-            writer.write_members(sample.key, members)
-            counts["clips_labelled"] += 1
+
+    def action_members(sample: RawSample, meta: ClipMeta) -> dict[str, bytes]:
+        actions = clip_predictions(model, sample, batch_size, device)
+        labelled = meta.model_copy(update={"action_dim": actions.shape[1],
+                                           "extra": {**meta.extra, "actions_source": source}})
+        return {"json": labelled.model_dump_json(exclude_none=True).encode(), "actions.npy": npy_bytes(actions)}
+
+    relabel_shard(input_path, output_path, action_members, counts)
 
 
 def _weights_digest(idm_dir: Path) -> str:
