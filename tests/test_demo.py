@@ -6,9 +6,12 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from tests.launch_helpers import ROOT, environment, free_port
 
 
+@pytest.mark.timeout(1500)  # six launches on 2 cores: about 4 minutes alone, much longer on a loaded machine
 def test_demo_runs_end_to_end_then_resumes_without_work(tmp_path):
     port = free_port()
     for _ in range(4):
