@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from lapa_dist.models.action_tokenizer import ActionTokenizer
 from tests.launch_helpers import ROOT, environment, free_port
 
 
@@ -28,12 +29,13 @@ def test_demo_runs_end_to_end_then_resumes_without_work(tmp_path):
     results = json.loads((out / "eval" / "results.json").read_text())
     assert len(results["tasks"]) == 10 and all(task["episodes"] == 1 for task in results["tasks"])
     assert (out / "policy" / "policy.json").is_file() and (out / "labelled" / "label_stats.json").is_file()
-    # latent pretraining and finetuning on Meta-World lower their loss: the 10-step LAQ labels nearly every pair
-    # with one latent action, so pretraining falls far below chance (log 8) at once; finetuning keeps falling
+    # latent pretraining and finetuning on Meta-World lower their loss below chance (uniform over the head's
+    # vocabulary, where a fresh head starts): the 10-step LAQ labels nearly every pair with one latent action
     pretrain, finetune = ([json.loads(line) for line in (out / stage / "metrics.jsonl").read_text().splitlines()]
                           for stage in ("vla_pretrain", "vla_finetune"))
     assert [r["step"] for r in pretrain] == [25, 50] and pretrain[-1]["token_loss"] < 0.5 * math.log(8)
-    assert [r["step"] for r in finetune] == [25, 50] and finetune[1]["token_loss"] < finetune[0]["token_loss"]
+    action_vocab = ActionTokenizer.load(out / "vla_finetune").vocab_size
+    assert [r["step"] for r in finetune] == [25, 50] and finetune[-1]["token_loss"] < math.log(action_vocab) - 0.3
     again = subprocess.run(command, cwd=ROOT, env=dict(environment(), MUJOCO_GL="egl"), capture_output=True,
                            text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
