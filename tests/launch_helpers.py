@@ -8,7 +8,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from lapa_dist.parallel.distributed import deepspeed_launcher
+from lapa_dist.parallel.distributed import deepspeed_launcher, remove_shm_buffers
 
 ROOT = Path(__file__).resolve().parent.parent
 _next_port = [29700 + os.getpid() % 200]
@@ -19,8 +19,8 @@ def free_port() -> int:
     return _next_port[0]
 
 
-def deepspeed_command(script: str, args: list[str], ranks: int) -> list[str]:
-    return [*deepspeed_launcher(ranks, free_port()), str(ROOT / script), *args]
+def deepspeed_command(script: str, args: list[str], ranks: int, port: int) -> list[str]:
+    return [*deepspeed_launcher(ranks, port), str(ROOT / script), *args]
 
 
 def environment() -> dict:
@@ -30,14 +30,18 @@ def environment() -> dict:
 
 
 def run_deepspeed(script: str, args: list[str], ranks: int, timeout: float = 600) -> subprocess.CompletedProcess:
-    result = subprocess.run(
-        deepspeed_command(script, args, ranks),
-        cwd=ROOT,
-        env=environment(),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    port = free_port()
+    try:
+        result = subprocess.run(
+            deepspeed_command(script, args, ranks, port),
+            cwd=ROOT,
+            env=environment(),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+    finally:
+        remove_shm_buffers(port)
     if result.returncode != 0:
         raise AssertionError(
             f"{script} failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}"
@@ -47,8 +51,9 @@ def run_deepspeed(script: str, args: list[str], ranks: int, timeout: float = 600
 
 def run_until_then_kill(script: str, args: list[str], ranks: int, ready: Path, timeout: float = 600) -> None:
     """Start the launcher, wait until ``ready`` exists, then kill -9 the whole process group."""
+    port = free_port()
     process = subprocess.Popen(
-        deepspeed_command(script, args, ranks),
+        deepspeed_command(script, args, ranks, port),
         cwd=ROOT,
         env=environment(),
         stdout=subprocess.DEVNULL,
@@ -67,3 +72,4 @@ def run_until_then_kill(script: str, args: list[str], ranks: int, ready: Path, t
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
         process.wait()
+        remove_shm_buffers(port)

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lapa_dist.parallel.distributed import deepspeed_launcher
+from lapa_dist.parallel.distributed import deepspeed_launcher, remove_shm_buffers
 from lapa_dist.train.metrics import TIMING_KEYS
 from tests.launch_helpers import ROOT, deepspeed_command, environment, free_port
 from tests.vla_helpers import PRETRAIN, labelled_sprites, tiny_tokenizer_dir
@@ -120,13 +120,17 @@ def runs(assets, tmp_path_factory) -> dict:
     """Started together: 10 steps on two ranks of one launcher (the reference), and 5 steps on two launchers,
     one per "node", with the example hostfile."""
     root = tmp_path_factory.mktemp("runs")
-    single, two_nodes, port = root / "single", root / "two_nodes", free_port()
+    single, two_nodes, port, single_port = root / "single", root / "two_nodes", free_port(), free_port()
     logs = [root / "single.log", root / "node0.log", root / "node1.log"]
     half = ["--config", str(PRETRAIN), "--run-dir", str(two_nodes), *set_args(assets, *HALF)]
     processes = [start(deepspeed_command(SCRIPT, ["--config", str(PRETRAIN), "--run-dir", str(single),
-                                                  *set_args(assets, *STEPS)], ranks=2), environment(), logs[0])]
+                                                  *set_args(assets, *STEPS)], ranks=2, port=single_port),
+                       environment(), logs[0])]
     processes += [start(node_command(node, port, half), environment(), logs[1 + node]) for node in range(2)]
-    wait_all(processes, logs)
+    try:
+        wait_all(processes, logs)
+    finally:
+        remove_shm_buffers(single_port)
     assert_checkpoint_of_two_ranks(single / "checkpoints" / "step-00000010")
     return {"reference": metrics(single), "run_dir": two_nodes, "logs": logs[1:]}
 
