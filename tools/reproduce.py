@@ -65,7 +65,7 @@ def pretrain_vpt(args, split_dir: Path, videos: Path, demos: Path, tokenizer: Pa
     """The IDM learns from the split's labelled demos only, then pseudo-labels the videos for pretraining."""
     idm, pseudo, run_dir = split_dir / "vpt_idm", split_dir / "videos_vpt", split_dir / "pretrain_vpt"
     if not (idm / "val_metrics.json").is_file():
-        run("tools/vpt.py", "train", "--labelled", str(demos), "--out", str(idm))
+        run("tools/vpt.py", "train", "--labelled", str(demos), "--out", str(idm), "--set", f"steps={args.idm_steps}")
     if not (pseudo / "manifest.json").is_file():
         run("tools/vpt.py", "label", "--idm", str(idm), "--input", str(videos), "--output", str(pseudo))
     pipeline.train("launch/finetune.py", FINETUNE_CONFIG, run_dir, args.pretrain_steps, args.ranks, 29875,
@@ -143,6 +143,7 @@ def main(argv=None) -> int:
     parser.add_argument("--laq-steps", type=int, default=3000)
     parser.add_argument("--pretrain-steps", type=int, default=2000)
     parser.add_argument("--finetune-steps", type=int, default=1000)
+    parser.add_argument("--idm-steps", type=int, default=2000, help="VPT inverse-dynamics model training steps")
     parser.add_argument("--episodes", type=int, default=20, help="closed-loop episodes per evaluation task")
     parser.add_argument("--max-steps", type=int, default=150)
     parser.add_argument("--seed", type=int, default=0, help="training seed")
