@@ -23,7 +23,8 @@ import torch
 from lapa_dist.parallel.distributed import deepspeed_launcher, remove_shm_buffers
 from lapa_dist.train.metrics import TIMING_KEYS
 from tests.launch_helpers import ROOT, deepspeed_command, environment, free_port
-from tests.vla_helpers import PRETRAIN, labelled_sprites, tiny_tokenizer_dir
+from tests.tiny_tokenizer import save_tiny_tokenizer
+from tests.vla_helpers import PRETRAIN, labelled_sprites
 
 HOSTFILE = ROOT / "launch/hostfile.example"
 SBATCH = ROOT / "launch/slurm.sbatch"
@@ -112,7 +113,7 @@ def assert_checkpoint_of_two_ranks(checkpoint: Path) -> None:
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("multinode_assets")
-    return {"data": labelled_sprites(root / "data"), "tokenizer": tiny_tokenizer_dir(root / "tokenizer")}
+    return {"data": labelled_sprites(root / "data"), "tokenizer": save_tiny_tokenizer(root / "tokenizer")}
 
 
 @pytest.fixture(scope="module")

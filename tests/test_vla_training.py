@@ -18,7 +18,8 @@ from lapa_dist.policy import Policy, export_policy
 from lapa_dist.train.metrics import TIMING_KEYS
 from lapa_dist.train.vla import run_stage, run_weights
 from tests.launch_helpers import run_deepspeed, run_until_then_kill
-from tests.vla_helpers import FINETUNE, PRETRAIN, labelled_sprites, tiny_tokenizer_dir, vla_args
+from tests.tiny_tokenizer import save_tiny_tokenizer
+from tests.vla_helpers import FINETUNE, PRETRAIN, labelled_sprites, vla_args
 
 PARITY_SCRIPT = "tests/scripts/vla_parallel_check.py"
 INSTRUCTIONS = ["move the square left", "move the square up", "move the square down-right"]
@@ -27,7 +28,7 @@ INSTRUCTIONS = ["move the square left", "move the square up", "move the square d
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("vla_assets")
-    return {"data": labelled_sprites(root / "data"), "tokenizer": tiny_tokenizer_dir(root / "tokenizer")}
+    return {"data": labelled_sprites(root / "data"), "tokenizer": save_tiny_tokenizer(root / "tokenizer")}
 
 
 def metrics(run_dir: Path) -> list[dict]:

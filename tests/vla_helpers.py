@@ -15,7 +15,6 @@ import numpy as np
 from lapa_dist.data.sources.sprites import DIRECTIONS, make_sprite_clip
 from tests.launch_helpers import ROOT
 from tests.shard_helpers import write_set
-from tests.tiny_tokenizer import save_tiny_tokenizer
 
 PRETRAIN = ROOT / "configs/vla/tiny_pretrain.json"
 FINETUNE = ROOT / "configs/vla/tiny_finetune.json"
@@ -49,10 +48,6 @@ def vla_args(config: Path, run_dir: Path, data: Path, tokenizer: Path, *override
     for override in overrides:
         args += ["--set", override]
     return args
-
-
-def tiny_tokenizer_dir(directory: Path) -> Path:
-    return save_tiny_tokenizer(directory)
 
 
 def tiny_metaworld_policy(directory: Path, seed: int = 0) -> Path:
