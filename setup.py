@@ -43,7 +43,7 @@ setup(
     version="0.1.0",
     description=__doc__,
     python_requires=">=3.10",
-    packages=find_packages(include=["lapa_dist", "lapa_dist.*", "kernels", "kernels.*"]),
+    packages=find_packages(include=["lapa_dist", "lapa_dist.*"]),
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
 )

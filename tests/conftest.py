@@ -4,7 +4,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("MUJOCO_GL", "egl")
 # Kernels are interpreted on CPU tensors unless TRITON_INTERPRET=0 is given (GPU machines). Set before any test
-# module is collected: modules that import the LAQ (and so kernels/) can be collected before test_kernels.py.
+# module is collected: modules that import the LAQ (and so lapa_dist/kernels/) can be collected before test_kernels.py.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402

@@ -4,8 +4,8 @@ Import this only after TRITON_INTERPRET has been set for the session (the test m
 
 import torch
 
-from kernels.cross_attention import cross_attention_triton_available
-from kernels.nsvq import nsvq_triton_available
+from lapa_dist.kernels.cross_attention import cross_attention_triton_available
+from lapa_dist.kernels.nsvq import nsvq_triton_available
 
 
 def kernel_test_device() -> torch.device:

@@ -31,17 +31,24 @@ def environment() -> dict:
 
 def run_deepspeed(script: str, args: list[str], ranks: int, timeout: float = 600) -> subprocess.CompletedProcess:
     port = free_port()
+    process = subprocess.Popen(
+        deepspeed_command(script, args, ranks, port),
+        cwd=ROOT,
+        env=environment(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # the launcher and its ranks in one group: a timeout kills them all
+    )
     try:
-        result = subprocess.run(
-            deepspeed_command(script, args, ranks, port),
-            cwd=ROOT,
-            env=environment(),
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        raise AssertionError(f"{script} did not finish within {timeout} s:\n{stdout[-4000:]}\n{stderr[-6000:]}") from None
     finally:
         remove_shm_buffers(port)
+    result = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
     if result.returncode != 0:
         raise AssertionError(
             f"{script} failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}"

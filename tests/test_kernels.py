@@ -21,14 +21,14 @@ pytest.importorskip("triton")
 import torch
 import triton
 
-from kernels.cross_attention import (
+from lapa_dist.kernels.cross_attention import (
     MAX_KEYS,
     backward_splits,
     cross_attention,
     cross_attention_reference,
     cross_attention_triton,
 )
-from kernels.nsvq import (
+from lapa_dist.kernels.nsvq import (
     nsvq,
     nsvq_reference,
     nsvq_triton,

@@ -32,12 +32,12 @@ import time
 import torch
 import triton.testing
 
-from kernels.cross_attention import (
+from lapa_dist.kernels.cross_attention import (
     cross_attention_reference,
     cross_attention_triton,
     cross_attention_triton_available,
 )
-from kernels.nsvq import nsvq_reference, nsvq_triton, nsvq_triton_available
+from lapa_dist.kernels.nsvq import nsvq_reference, nsvq_triton, nsvq_triton_available
 
 MODES = ("forward", "forward+backward")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}

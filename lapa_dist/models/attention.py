@@ -32,7 +32,7 @@ def cross_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str
     SDPA. q [B, H, L, Dh], k/v [B, H, S, Dh], S at most the kernel's MAX_KEYS for Triton."""
     # Imported on first use, not with this module: Triton makes a kernel compiled or interpreted when it is
     # defined (TRITON_INTERPRET), and a process may set TRITON_INTERPRET=1 after importing the model.
-    from kernels.cross_attention import cross_attention
+    from lapa_dist.kernels.cross_attention import cross_attention
 
     return cross_attention(q, k, v, scale=1.0, backend=backend)
 

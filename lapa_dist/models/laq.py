@@ -52,7 +52,7 @@ def reducer_plan(grid: int, code_side: int) -> tuple[int, int]:
 
 class KernelsConfig(StrictModel):
     """Implementations of NSVQ and the decoder's cross-attention: Triton kernels or their PyTorch references
-    (kernels/; same math, the kernels are fused). Triton runs on CUDA, or on CPU under TRITON_INTERPRET=1."""
+    (lapa_dist/kernels/; same math, the kernels are fused). Triton runs on CUDA, or on CPU under TRITON_INTERPRET=1."""
 
     nsvq: Literal["triton", "torch"] = "triton"
     """Training-mode NSVQ: "triton" runs the fused kernels where Triton can run and the PyTorch reference

@@ -115,7 +115,7 @@ class NSVQ(nn.Module):
         """z + (‖z − q‖/‖r‖ + eps)·r, r ~ N(0, I) from torch's RNG: [B, n, quant_dim] -> (same, indices [B, n])."""
         # Imported on first use, not with this module: Triton makes a kernel compiled or interpreted when it is
         # defined (TRITON_INTERPRET), and a process may set TRITON_INTERPRET=1 after importing the model.
-        from kernels.nsvq import nsvq
+        from lapa_dist.kernels.nsvq import nsvq
 
         r = torch.randn_like(z)  # on z's device
         quantized, code_indices = nsvq(

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels import triton_runs_on
+from lapa_dist.kernels import triton_runs_on
 
 MAX_KEYS = 32  # the whole key/value set lives in one [<= 32, head_dim] tile
 MAX_HEAD_DIM = 128
@@ -153,7 +153,7 @@ def _dot_fp32(dtype: torch.dtype) -> bool:
 
 
 def cross_attention_triton_available(device: torch.device) -> bool:
-    """Whether the attention kernels can run on tensors on `device` (see kernels.triton_runs_on)."""
+    """Whether the attention kernels can run on tensors on `device` (see lapa_dist.kernels.triton_runs_on)."""
     return triton_runs_on(_attention_forward_kernel, device)
 
 

@@ -1,5 +1,5 @@
-"""Triton kernels for LAQ: the NSVQ quantizer (kernels.nsvq) and the latent-action cross-attention
-(kernels.cross_attention). Each module has a PyTorch reference, an autograd.Function around the Triton
+"""Triton kernels for LAQ: the NSVQ quantizer (lapa_dist.kernels.nsvq) and the latent-action cross-attention
+(lapa_dist.kernels.cross_attention). Each module has a PyTorch reference, an autograd.Function around the Triton
 kernels and a dispatcher that falls back to the reference where Triton cannot run (see triton_runs_on).
 
 This package depends on torch and triton only.

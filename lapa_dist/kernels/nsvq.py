@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import triton_runs_on
+from lapa_dist.kernels import triton_runs_on
 
 TILE_ELEMENTS = 4096  # rows x padded dim held by one program
 MAX_ROWS_PER_PROGRAM = 128
@@ -160,7 +160,7 @@ class NSVQTriton(torch.autograd.Function):
 
 
 def nsvq_triton_available(device: torch.device) -> bool:
-    """Whether the NSVQ kernels can run on tensors on `device` (see kernels.triton_runs_on)."""
+    """Whether the NSVQ kernels can run on tensors on `device` (see lapa_dist.kernels.triton_runs_on)."""
     return triton_runs_on(_nsvq_forward_kernel, device)
 
 
@@ -176,7 +176,7 @@ def nsvq_triton(z: torch.Tensor, codebook: torch.Tensor, noise: torch.Tensor, ep
 
 
 def nsvq(z: torch.Tensor, codebook: torch.Tensor, noise: torch.Tensor, eps: float, backend: str = "triton"):
-    """NSVQ on the chosen backend: "triton" runs the fused kernels where Triton can run (kernels.triton_runs_on:
+    """NSVQ on the chosen backend: "triton" runs the fused kernels where Triton can run (lapa_dist.kernels.triton_runs_on:
     a CUDA device, or CPU tensors under TRITON_INTERPRET=1) and the PyTorch reference elsewhere; "torch" always
     runs the reference. Returns (out [N, d], indices [N] int64)."""
     if backend == "torch":
