@@ -45,7 +45,8 @@ def run_deepspeed(script: str, args: list[str], ranks: int, timeout: float = 600
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         stdout, stderr = process.communicate()
-        raise AssertionError(f"{script} did not finish within {timeout} s:\n{stdout[-4000:]}\n{stderr[-6000:]}") from None
+        tail = f"{stdout[-4000:]}\n{stderr[-6000:]}"
+        raise AssertionError(f"{script} did not finish within {timeout} s:\n{tail}") from None
     finally:
         remove_shm_buffers(port)
     result = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)

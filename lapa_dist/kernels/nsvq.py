@@ -176,7 +176,7 @@ def nsvq_triton(z: torch.Tensor, codebook: torch.Tensor, noise: torch.Tensor, ep
 
 
 def nsvq(z: torch.Tensor, codebook: torch.Tensor, noise: torch.Tensor, eps: float, backend: str = "triton"):
-    """NSVQ on the chosen backend: "triton" runs the fused kernels where Triton can run (lapa_dist.kernels.triton_runs_on:
+    """NSVQ on the chosen backend: "triton" runs the fused kernels where Triton can run (triton_runs_on:
     a CUDA device, or CPU tensors under TRITON_INTERPRET=1) and the PyTorch reference elsewhere; "torch" always
     runs the reference. Returns (out [N, d], indices [N] int64)."""
     if backend == "torch":
