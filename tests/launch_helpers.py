@@ -29,45 +29,33 @@ def environment() -> dict:
     return env
 
 
+def start_launcher(script: str, args: list[str], ranks: int, port: int, output: int) -> subprocess.Popen:
+    """The launcher in a session of its own, so that killing its process group also ends its ranks."""
+    return subprocess.Popen(deepspeed_command(script, args, ranks, port), cwd=ROOT, env=environment(),
+                            stdout=output, stderr=output, text=True, start_new_session=True)
+
+
 def run_deepspeed(script: str, args: list[str], ranks: int, timeout: float = 600) -> subprocess.CompletedProcess:
     port = free_port()
-    process = subprocess.Popen(
-        deepspeed_command(script, args, ranks, port),
-        cwd=ROOT,
-        env=environment(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,  # the launcher and its ranks in one group: a timeout kills them all
-    )
+    process = start_launcher(script, args, ranks, port, subprocess.PIPE)
     try:
         stdout, stderr = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         stdout, stderr = process.communicate()
-        tail = f"{stdout[-4000:]}\n{stderr[-6000:]}"
-        raise AssertionError(f"{script} did not finish within {timeout} s:\n{tail}") from None
+        raise AssertionError(f"{script} did not finish within {timeout} s:\n{stdout[-4000:]}\n{stderr[-6000:]}") \
+            from None
     finally:
         remove_shm_buffers(port)
-    result = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
-    if result.returncode != 0:
-        raise AssertionError(
-            f"{script} failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}"
-        )
-    return result
+    if process.returncode != 0:
+        raise AssertionError(f"{script} failed ({process.returncode}):\n{stdout[-4000:]}\n{stderr[-6000:]}")
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
 
 def run_until_then_kill(script: str, args: list[str], ranks: int, ready: Path, timeout: float = 600) -> None:
     """Start the launcher, wait until ``ready`` exists, then kill -9 the whole process group."""
     port = free_port()
-    process = subprocess.Popen(
-        deepspeed_command(script, args, ranks, port),
-        cwd=ROOT,
-        env=environment(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    process = start_launcher(script, args, ranks, port, subprocess.DEVNULL)
     deadline = time.time() + timeout
     try:
         while not ready.exists():
