@@ -25,7 +25,10 @@ def deepspeed_command(script: str, args: list[str], ranks: int, port: int) -> li
 
 def environment() -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="offline", PYTHONPATH=str(ROOT))
-    env.pop("CUDA_VISIBLE_DEVICES", None)
+    # In-process tests that initialise torch.distributed set these in this process (and hold its port): a child
+    # that inherited them would rendezvous on that port (EADDRINUSE) or as that rank.
+    for name in ("CUDA_VISIBLE_DEVICES", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
     return env
 
 
