@@ -20,7 +20,9 @@ without augmentation. Decoding is greedy; action tokens are restricted to the bi
 
 from __future__ import annotations
 
+import itertools
 import json
+from collections import Counter
 from pathlib import Path
 
 import av
@@ -29,7 +31,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lapa_dist.data.format import Manifest
-from lapa_dist.data.reader import BadSample, iter_raw_samples, parse_meta
+from lapa_dist.data.reader import iter_parsed_samples
 from lapa_dist.data.transforms import crop_square, resized_size
 from lapa_dist.models.action_tokenizer import ActionTokenizer
 from lapa_dist.models.vit_tower import read_vision_config
@@ -61,12 +63,9 @@ def training_observation(datasets) -> dict:
     shard: enough to tell a user what the policy expects, without reading the data set)."""
     metas = []
     for spec in datasets:
-        manifest = Manifest.read(spec.path)
-        for count, sample in enumerate(iter_raw_samples(Path(spec.path) / manifest.shards[0].name)):
-            if count == OBSERVATION_CLIPS:
-                break
-            if not isinstance(sample, BadSample):
-                metas.append(parse_meta(sample))
+        first_shard = {Manifest.read(spec.path).shards[0].name}
+        parsed = iter_parsed_samples(spec.path, Counter(), shards=first_shard)
+        metas += [clip.meta for clip in itertools.islice(parsed, OBSERVATION_CLIPS)]
     if not metas:
         raise ValueError("the training data has no readable clip to describe the observation")
     first = metas[0]

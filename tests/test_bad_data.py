@@ -3,14 +3,17 @@ import itertools
 import json
 import logging
 import tarfile
+from collections import Counter
 
 import av
 import numpy as np
 import pytest
 
-from lapa_dist.data.config import DataConfig
+from lapa_dist.data.actions import read_actions
+from lapa_dist.data.config import DataConfig, DatasetSpec
 from lapa_dist.data.format import Manifest, npy_bytes
 from lapa_dist.data.loader import VideoLoader
+from lapa_dist.data.reader import iter_parsed_samples
 from lapa_dist.data.video import encode_video
 from tests.shard_helpers import index_clip, index_set, write_set
 from tools import check_shards
@@ -142,3 +145,34 @@ def test_check_shards_clean_set(tmp_path, capsys):
     assert check_shards.main([str(clean)]) == 0
     assert "no problems" in capsys.readouterr().out
     assert check_shards.main([str(tmp_path)]) == 2
+
+
+def test_parsed_samples_skip_and_count_what_does_not_parse(dirty_set, tmp_path):
+    skipped = Counter()
+    keys = [parsed.key for parsed in iter_parsed_samples(dirty_set, skipped)]
+    # video problems (undecodable, empty, too short) need decoding: the parsed view keeps those clips
+    assert skipped == Counter(missing_json=1, invalid_json=2, missing_video=1, bad_actions=1)
+    assert len(keys) == 6 + 8 + 3 and "bad-too-short" in keys and "bad-missing-json" not in keys
+    wanted = Counter()
+    picked = [p.key for p in iter_parsed_samples(dirty_set, wanted, shards={"shard-000001.tar"}, keys={"good03"})]
+    assert picked == ["good03"] and not wanted
+    add_shard(dirty_set, "shard-000002.tar", raw=truncated_shard(tmp_path), keys=[f"t{i}" for i in range(4)])
+    truncated = Counter()
+    assert [p.key for p in iter_parsed_samples(dirty_set, truncated, shards={"shard-000002.tar"})] == ["t0", "t1"]
+    assert truncated == Counter(truncated_tar=1)
+
+
+def test_read_actions_counts_skips_limits_clips_and_refuses_mixed_action_spaces(tmp_path):
+    with_actions = index_set(tmp_path / "a", num_shards=2, clips_per_shard=3, num_frames=12)
+    write_set(tmp_path / "none", [[index_clip("n0", 12, action_dim=None)]])
+    specs = [DatasetSpec(name="a", path=str(with_actions), offset_frames=H),
+             DatasetSpec(name="none", path=str(tmp_path / "none"), offset_frames=H)]
+    actions, skipped = read_actions(specs)
+    assert actions.shape == (6 * 11, 2) and skipped == Counter(no_actions=1)
+    first_two, _ = read_actions(specs, max_clips=2)
+    np.testing.assert_array_equal(first_two, actions[:22])
+    write_set(tmp_path / "wide", [[index_clip("w0", 12, action_dim=3)]])
+    with pytest.raises(ValueError, match="'wide' has actions of dimension 3 but 'a' has 2"):
+        read_actions([specs[0], DatasetSpec(name="wide", path=str(tmp_path / "wide"), offset_frames=H)])
+    with pytest.raises(ValueError, match="no clip with actions"):
+        read_actions(specs[1:])

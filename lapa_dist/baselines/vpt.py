@@ -62,7 +62,7 @@ from lapa_dist.config import StrictModel
 from lapa_dist.data.config import AugmentConfig, DataConfig, DatasetSpec
 from lapa_dist.data.format import ClipMeta, Manifest, npy_bytes, sidecar_path, write_json_atomic
 from lapa_dist.data.loader import VideoLoader
-from lapa_dist.data.reader import BadSample, RawSample, iter_raw_samples, parse_arrays, parse_meta
+from lapa_dist.data.reader import BadSample, RawSample, iter_parsed_samples, parse_meta
 from lapa_dist.eval.probes import r_squared
 from lapa_dist.labelling import clip_frames, relabel_shard
 from lapa_dist.train.config import OptimConfig
@@ -215,44 +215,28 @@ class LabelledSet:
     problems: Counter = field(default_factory=Counter)
 
 
-def _clip_actions(sample: RawSample | BadSample, problems: Counter) -> tuple[str, np.ndarray] | None:
-    """(key, actions) of a clip with actions and valid json, else None with the reason counted."""
-    try:
-        if isinstance(sample, BadSample):
-            raise sample
-        actions = parse_arrays(sample, parse_meta(sample))[0]
-    except BadSample as bad:
-        problems[bad.reason] += 1
-        return None
-    if actions is None:
-        problems["no_actions"] += 1
-        return None
-    return sample.key, actions
-
-
 def scan_labelled_set(directory: Path, val_fraction: float, frame_offset: int) -> LabelledSet:
     """Split the clips with actions into training and held-out, and standardise by the training actions."""
-    manifest = read_shard_set(directory, "--labelled")
+    read_shard_set(directory, "--labelled")  # a clear error for a missing or empty set
     problems: Counter = Counter()
     dims: Counter = Counter()
     train_keys, held_out_keys = set(), set()
     total, total_sq, count = 0.0, 0.0, 0
-    for shard in manifest.shards:
-        for sample in iter_raw_samples(directory / shard.name):
-            found = _clip_actions(sample, problems)
-            if found is None:
-                continue
-            key, actions = found
-            if actions.shape[0] < frame_offset:
-                problems["too_short"] += 1
-                continue
-            dims[actions.shape[1]] += 1
-            if is_held_out(key, val_fraction):
-                held_out_keys.add(key)
-                continue
-            train_keys.add(key)
-            values = actions.astype(np.float64)
-            total, total_sq, count = total + values.sum(0), total_sq + (values**2).sum(0), count + len(values)
+    for parsed in iter_parsed_samples(directory, problems):
+        actions = parsed.actions
+        if actions is None:
+            problems["no_actions"] += 1
+            continue
+        if actions.shape[0] < frame_offset:
+            problems["too_short"] += 1
+            continue
+        dims[actions.shape[1]] += 1
+        if is_held_out(parsed.key, val_fraction):
+            held_out_keys.add(parsed.key)
+            continue
+        train_keys.add(parsed.key)
+        values = actions.astype(np.float64)
+        total, total_sq, count = total + values.sum(0), total_sq + (values**2).sum(0), count + len(values)
     if not dims:
         raise VPTInputError(
             f"--labelled {directory}: no clip holds actions.npy with at least {frame_offset + 1} frames "
@@ -466,18 +450,14 @@ def evaluate_idm(model: IDM, directory: Path, keys: set[str], batch_size: int, d
     """Held-out metrics over every action of the clips ``keys``, predicted as pseudo-labelling predicts them."""
     model.eval()
     targets, predictions, problems = [], [], Counter()
-    for shard in Manifest.read(directory).shards:
-        for sample in iter_raw_samples(directory / shard.name):
-            if isinstance(sample, BadSample) or sample.key not in keys:
-                continue
-            try:
-                actions = parse_arrays(sample, parse_meta(sample))[0]
-                predicted = clip_predictions(model, sample, batch_size, device)
-            except BadSample as bad:
-                problems[bad.reason] += 1
-                continue
-            targets.append(actions)
-            predictions.append(predicted)
+    for parsed in iter_parsed_samples(directory, problems, keys=keys):
+        try:
+            predicted = clip_predictions(model, parsed.sample, batch_size, device)
+        except BadSample as bad:
+            problems[bad.reason] += 1
+            continue
+        targets.append(parsed.actions)
+        predictions.append(predicted)
     if not targets:
         raise VPTInputError(f"{directory}: none of the {len(keys)} held-out clips could be decoded ({dict(problems)})")
     target, prediction = np.concatenate(targets), np.concatenate(predictions)

@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import json
 import tarfile
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Container, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from pydantic import ValidationError
 
-from lapa_dist.data.format import VIDEO_MEMBER, Clip, ClipMeta, npy_load
+from lapa_dist.data.format import VIDEO_MEMBER, Clip, ClipMeta, Manifest, npy_load
 from lapa_dist.data.video import VideoDecodeError, decode_frames
 
 BAD_REASONS = (
@@ -120,6 +121,45 @@ def parse_arrays(sample: RawSample, meta: ClipMeta) -> tuple[np.ndarray | None, 
         if offset is None or latents.ndim != 2 or latents.shape[0] != meta.num_frames - offset:
             raise BadSample(sample.key, "bad_latents", f"shape {latents.shape}, latent_offset {offset}")
     return actions, latents
+
+
+@dataclass
+class ParsedSample:
+    """A sample whose json and arrays are parsed and checked; its video is still undecoded bytes."""
+
+    sample: RawSample
+    meta: ClipMeta
+    actions: np.ndarray | None  # [num_frames - 1, action_dim] float32
+    latents: np.ndarray | None  # [num_frames - latent_offset, code_seq_len] int16
+
+    @property
+    def key(self) -> str:
+        return self.sample.key
+
+
+def iter_parsed_samples(directory: str | Path, skipped: Counter, shards: Container[str] | None = None,
+                        keys: Container[str] | None = None) -> Iterator[ParsedSample]:
+    """The samples of the shard set in ``directory`` in manifest order, parsed without decoding video.
+
+    ``shards`` and ``keys`` (names and clip keys) restrict what is read; a sample that fails to parse is
+    passed over and counted in ``skipped`` by its :data:`BAD_REASONS` reason."""
+    directory = Path(directory)
+    for shard in Manifest.read(directory).shards:
+        if shards is not None and shard.name not in shards:
+            continue
+        for sample in iter_raw_samples(directory / shard.name):
+            if isinstance(sample, BadSample):
+                skipped[sample.reason] += 1
+                continue
+            if keys is not None and sample.key not in keys:
+                continue
+            try:
+                meta = parse_meta(sample)
+                actions, latents = parse_arrays(sample, meta)
+            except BadSample as bad:
+                skipped[bad.reason] += 1
+                continue
+            yield ParsedSample(sample, meta, actions, latents)
 
 
 def decode_sample_frames(sample: RawSample, indices=None, size=None) -> np.ndarray:

@@ -22,13 +22,14 @@ holding the latent action of every step.
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from lapa_dist.data.format import Manifest
-from lapa_dist.data.reader import BadSample, decode_sample_frames, iter_raw_samples, parse_meta
+from lapa_dist.data.reader import decode_sample_frames, iter_parsed_samples
 from lapa_dist.models.laq import LAQ
 from lapa_dist.policy import Policy, square_images
 
@@ -106,19 +107,16 @@ def clip_frames(shards: str | Path, key: str | None, start: int, stride: int | N
     num_frames = shard.clip_frames[shard.keys.index(key)]
     if not 0 <= start < num_frames:
         raise ValueError(f"--start {start}: clip {key} has {num_frames} frames")
-    for sample in iter_raw_samples(Path(shards) / shard.name):
-        if isinstance(sample, BadSample):
-            raise ValueError(f"{shard.name}: {sample}")
-        if sample.key != key:
-            continue
-        meta = parse_meta(sample)
-        stride = stride or meta.latent_offset or 1
+    problems: Counter = Counter()
+    for parsed in iter_parsed_samples(shards, problems, shards={shard.name}, keys={key}):
+        stride = stride or parsed.meta.latent_offset or 1
         indices = list(range(start, num_frames, stride))[:count]
-        frames = square_images(decode_sample_frames(sample, indices), size)
-        info = {"clip": key, "shard": shard.name, "instruction": meta.instruction, "start_frame": start,
-                "stride": stride, "clip_fps": meta.fps, "real_frames": len(indices)}
+        frames = square_images(decode_sample_frames(parsed.sample, indices), size)
+        info = {"clip": key, "shard": shard.name, "instruction": parsed.meta.instruction, "start_frame": start,
+                "stride": stride, "clip_fps": parsed.meta.fps, "real_frames": len(indices)}
         return frames, info
-    raise ValueError(f"--clip {key!r}: listed in {shard.name}'s manifest entry but not found in the shard")
+    raise ValueError(f"--clip {key!r}: listed in {shard.name}'s manifest entry but not readable from the shard "
+                     f"(problems: {dict(problems) or 'none: the clip is missing'})")
 
 
 def side_by_side(real: np.ndarray, imagined: np.ndarray) -> np.ndarray:

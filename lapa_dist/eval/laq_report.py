@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +26,7 @@ import torch
 from matplotlib.figure import Figure
 
 from lapa_dist.data.format import Manifest
-from lapa_dist.data.reader import BadSample, RawSample, iter_raw_samples, parse_arrays, parse_meta
+from lapa_dist.data.reader import RawSample, iter_parsed_samples
 from lapa_dist.eval.probes import linear_probe, purity_probe
 from lapa_dist.eval.reconstruction import psnr, reconstruction_metrics
 from lapa_dist.labelling import clip_frames, latent_distribution
@@ -77,28 +77,17 @@ def read_labelled_clips(shards_dir: Path, max_clips: int, rng: np.random.Generat
     manifest = Manifest.read(shards_dir)
     keys = [(shard.name, key) for shard in manifest.shards for key in shard.keys]
     chosen = {keys[i] for i in rng.choice(len(keys), min(max_clips, len(keys)), replace=False)}
-    chosen_shards = {name for name, _ in chosen}
-    clips, skipped = [], defaultdict(int)
-    for shard in manifest.shards:
-        if shard.name not in chosen_shards:
+    clips, skipped = [], Counter()
+    chosen_shards, chosen_keys = {name for name, _ in chosen}, {key for _, key in chosen}
+    for parsed in iter_parsed_samples(shards_dir, skipped, shards=chosen_shards, keys=chosen_keys):
+        if (parsed.sample.shard, parsed.key) not in chosen:
             continue
-        for sample in iter_raw_samples(shards_dir / shard.name):
-            if isinstance(sample, BadSample):
-                skipped[sample.reason] += 1
-                break
-            if (shard.name, sample.key) not in chosen:
-                continue
-            try:
-                meta = parse_meta(sample)
-                actions, latents = parse_arrays(sample, meta)
-            except BadSample as bad:
-                skipped[bad.reason] += 1
-                continue
-            if latents is None:
-                skipped["unlabelled"] += 1
-                continue
-            summed = None if actions is None else actions_over_offset(actions, meta.latent_offset)
-            clips.append(LabelledClip(sample, meta.latent_offset, latents, summed))
+        if parsed.latents is None:
+            skipped["unlabelled"] += 1
+            continue
+        offset = parsed.meta.latent_offset
+        summed = None if parsed.actions is None else actions_over_offset(parsed.actions, offset)
+        clips.append(LabelledClip(parsed.sample, offset, parsed.latents, summed))
     return clips, dict(skipped)
 
 
