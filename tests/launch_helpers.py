@@ -24,7 +24,8 @@ def deepspeed_command(script: str, args: list[str], ranks: int, port: int) -> li
 
 
 def environment() -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="offline", PYTHONPATH=str(ROOT))
+    # PYTHONFAULTHANDLER: a rank that gets SIGABRT (see stop_with_stacks) prints every thread's Python stack.
+    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="offline", PYTHONPATH=str(ROOT), PYTHONFAULTHANDLER="1")
     # In-process tests that initialise torch.distributed set these in this process (and hold its port): a child
     # that inherited them would rendezvous on that port (EADDRINUSE) or as that rank.
     for name in ("CUDA_VISIBLE_DEVICES", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
@@ -38,16 +39,27 @@ def start_launcher(script: str, args: list[str], ranks: int, port: int, output: 
                             stdout=output, stderr=output, text=True, start_new_session=True)
 
 
-def run_deepspeed(script: str, args: list[str], ranks: int, timeout: float = 600) -> subprocess.CompletedProcess:
+def stop_with_stacks(process: subprocess.Popen, grace: float = 5.0) -> None:
+    """End a hung launch: SIGABRT to its whole process group, so the launcher and each rank print their Python
+    stacks (where a hang in C code was entered from), then SIGKILL whatever is left."""
+    os.killpg(process.pid, signal.SIGABRT)
+    time.sleep(grace)
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:  # every process had already ended
+        pass
+
+
+def run_deepspeed(script: str, args: list[str], ranks: int, timeout: float = 420) -> subprocess.CompletedProcess:
     port = free_port()
     process = start_launcher(script, args, ranks, port, subprocess.PIPE)
     try:
         stdout, stderr = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
+        stop_with_stacks(process)
         stdout, stderr = process.communicate()
-        raise AssertionError(f"{script} did not finish within {timeout} s:\n{stdout[-4000:]}\n{stderr[-6000:]}") \
-            from None
+        raise AssertionError(f"{script} did not finish within {timeout} s; the stacks of its processes end "
+                             f"stderr:\n{stdout[-4000:]}\n{stderr[-20000:]}") from None
     finally:
         remove_shm_buffers(port)
     if process.returncode != 0:
