@@ -15,10 +15,12 @@ INSTALL_REQUIRES = [
     "pillow>=10",
     "deepspeed==0.19.8",
     "megatron-core==0.16.1",
-    "transformers>=4.45",
-    "accelerate>=1.0",
+    # Upper bounds at the next major (minor for peft) above the versions tested (transformers 5.25, accelerate
+    # 1.16, peft 0.21): lapa_dist/models/lora.py works around bugs inside peft's megatron-core LoRA layers.
+    "transformers>=4.45,<6",
+    "accelerate>=1.0,<2",
     "safetensors>=0.4",
-    "peft>=0.17",
+    "peft>=0.17,<0.22",
     "triton>=3.0",
     "wandb>=0.18",
     "tqdm>=4.66",
