@@ -80,7 +80,7 @@ from lapa_dist.data.loader import VideoLoader
 from lapa_dist.models import attention, llama
 from lapa_dist.models.action_tokenizer import ActionTokenizer
 from lapa_dist.models.laq import LAQ, LAQModelConfig
-from lapa_dist.models.vla import VLA, VLAConfig
+from lapa_dist.models.vla import VLA
 from lapa_dist.models.vla_sequence import SequenceConfig
 from lapa_dist.parallel.distributed import gather_objects, init_distributed
 from lapa_dist.parallel.layout import ParallelLayout
@@ -88,7 +88,7 @@ from lapa_dist.parallel.tensor_parallel import parallelize
 from lapa_dist.train.config import OptimConfig
 from lapa_dist.train.engine import build_engine, engine_dtype
 from lapa_dist.train.laq import LAQRunConfig, to_unit_float
-from lapa_dist.train.vla import ExampleBuilder, VLARunConfig, model_batch, stage_model_config
+from lapa_dist.train.vla import ExampleBuilder, VLARunConfig, model_batch, new_model, stage_model_config
 
 PHASES = ("data_wait", "to_device", "forward", "backward", "optimizer")
 NO_COMMUNICATION = "single process: no gradient communication, 0 by construction"
@@ -553,18 +553,6 @@ class VLARun:
                               clock)
 
 
-def random_vla(config: VLARunConfig, model_config: VLAConfig, device: torch.device) -> VLA:
-    """The stage's model with random weights, identical on every rank (one seed), made on ``device``: on a GPU
-    no host copy of a 7B model is ever built."""
-    torch.manual_seed(config.train.seed)
-    with torch.device(device):
-        model = VLA(model_config)
-    if model.image_size != config.data.image_size:
-        raise ConfigError(f"data.image_size is {config.data.image_size} but the vision tower reads "
-                          f"{model.image_size} x {model.image_size} images")
-    return model
-
-
 def vla_inputs(config: VLARunConfig, layout: ParallelLayout, sequence: SequenceConfig,
                action_tokenizer: ActionTokenizer | None, convert: Callable, with_data: bool,
                instruction: str) -> tuple[Iterator[dict], Callable, int, str]:
@@ -587,13 +575,13 @@ def build_vla_run(config: VLARunConfig, layout: ParallelLayout, steps: int, with
                   instruction: str) -> VLARun:
     """The model, its engine and the inputs, set up as VLATrainer sets them up; the FLOP model and the
     parameter counts come from the plain model, before tensor parallelism."""
-    if getattr(getattr(config, "lora", None), "enabled", False):  # the LoRA section is landing in train/vla.py
+    if config.lora.enabled:
         raise ConfigError("lora.enabled: the profiler does not apply LoRA adapters yet (nor count their FLOPs)")
     device, dtype = layout.device, engine_dtype(config.deepspeed)
     tokenizer = load_tokenizer(config.tokenizer)
     action_tokenizer = action_tokenizer_for(config, with_data) if config.stage == "finetune" else None
     model_config = stage_model_config(config, action_tokenizer)
-    model = random_vla(config, model_config, device)
+    model = new_model(config, model_config, device)
     flops, vision = vla_flops(model), vision_flops_per_image(model, device)
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -29,7 +29,7 @@ import torch
 from pydantic import Field, model_validator
 from safetensors.torch import load_file
 
-from lapa_dist.config import StrictModel
+from lapa_dist.config import ConfigError, StrictModel
 from lapa_dist.data.actions import read_actions
 from lapa_dist.data.config import DataConfig
 from lapa_dist.data.loader import VideoLoader
@@ -142,6 +142,20 @@ def fit_action_tokenizer(config: VLARunConfig, run_dir: RunDir, is_main: bool) -
     return ActionTokenizer.load(run_dir.path)
 
 
+def new_model(config: VLARunConfig, model_config: VLAConfig, device: torch.device,
+              backbone_on_meta: bool = False) -> VLA:
+    """The stage's VLA with its random initial weights, identical on every rank (one seed), made on ``device`` (on
+    a GPU no host copy is built); ``backbone_on_meta`` leaves the backbone without storage, for weights that are
+    loaded after ``parallelize`` and ``materialize``, so that a 7B backbone is never whole on one rank."""
+    torch.manual_seed(config.train.seed)
+    with torch.device(device):
+        model = VLA(model_config, backbone_device="meta" if backbone_on_meta else None)
+    if model.image_size != config.data.image_size:
+        raise ConfigError(f"data.image_size is {config.data.image_size} but the vision tower reads "
+                          f"{model.image_size} x {model.image_size} images")
+    return model
+
+
 def load_initial_weights(model: VLA, init: InitConfig, layout: ParallelLayout, finetune: bool) -> list[str]:
     """Copy ``init``'s sources into the (parallelized) model, each tensor sliced for this TP rank; returns
     what was loaded, for the log."""
@@ -243,11 +257,7 @@ class VLATrainer:
         # The backbone is built without storage when every one of its weights is loaded afterwards (checkpoint,
         # HF backbone or previous run): each rank then only ever allocates its own tensor-parallel slices.
         backbone_loaded = self.resume_tag is not None or config.init.backbone or config.init.run
-        torch.manual_seed(config.train.seed)  # identical initial weights on every rank
-        model = VLA(self.model_config, backbone_device="meta" if backbone_loaded else None)
-        if model.image_size != config.data.image_size:
-            raise ValueError(f"data.image_size is {config.data.image_size} but the vision tower reads "
-                             f"{model.image_size} x {model.image_size} images")
+        model = new_model(config, self.model_config, self.ctx.device, backbone_on_meta=bool(backbone_loaded))
         if self.layout.tp > 1:
             parallelize(model.llm, self.layout)
         materialize(model.llm, self.ctx.device)
@@ -334,7 +344,6 @@ class VLATrainer:
 
 def run_stage(stage: str, description: str, argv: list[str] | None = None) -> int:
     """The body of launch/pretrain.py and launch/finetune.py: the launcher of ``stage`` refuses the other's config."""
-    from lapa_dist.config import ConfigError
     from lapa_dist.train.launcher import run_trainer
 
     def check(config: VLARunConfig) -> None:
