@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import itertools
 from collections import Counter
+from collections.abc import Iterator
 
 import numpy as np
 
 from lapa_dist.data.config import DatasetSpec
-from lapa_dist.data.reader import iter_parsed_samples
+from lapa_dist.data.reader import ParsedSample, iter_parsed_samples
 
 
 def read_actions(datasets: list[DatasetSpec], max_clips: int | None = None) -> tuple[np.ndarray, Counter]:
@@ -21,10 +22,7 @@ def read_actions(datasets: list[DatasetSpec], max_clips: int | None = None) -> t
     rows: list[np.ndarray] = []
     skipped: Counter = Counter()
     first: tuple[str, int] | None = None  # (dataset, action_dim) of the first clip with actions
-    clips = itertools.chain.from_iterable(
-        ((spec, parsed) for parsed in iter_parsed_samples(spec.path, skipped)) for spec in datasets
-    )
-    for spec, parsed in itertools.islice(clips, max_clips):
+    for spec, parsed in itertools.islice(_readable_clips(datasets, skipped), max_clips):
         actions = parsed.actions
         if actions is None:
             skipped["no_actions"] += 1
@@ -38,3 +36,9 @@ def read_actions(datasets: list[DatasetSpec], max_clips: int | None = None) -> t
     if not rows:
         raise ValueError("no clip with actions in the finetuning data: action finetuning needs actions.npy")
     return np.concatenate(rows), skipped  # [N, action_dim]
+
+
+def _readable_clips(datasets: list[DatasetSpec], skipped: Counter) -> Iterator[tuple[DatasetSpec, ParsedSample]]:
+    for spec in datasets:
+        for parsed in iter_parsed_samples(spec.path, skipped):
+            yield spec, parsed
