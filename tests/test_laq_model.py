@@ -70,6 +70,37 @@ def test_nsvq_eval_returns_hard_codes_and_does_not_count():
     assert int(nsvq.usage.sum()) == 0
 
 
+@pytest.mark.parametrize("fraction", [0.5, 1.0])
+def test_nsvq_hard_code_fraction_gives_exact_codes_with_straight_through_gradient(fraction):
+    config = NSVQConfig(eps=1e-3, hard_code_fraction=fraction)
+    nsvq = NSVQ(codebook_size=8, quant_dim=6, config=config).train()
+    z = torch.randn(64, 4, 6, requires_grad=True)
+    torch.manual_seed(7)
+    out = nsvq(z)
+    q = nsvq.codebook.detach()[out.code_indices]
+    hard = torch.isclose(out.quantized, q, atol=1e-6).all(-1)  # [64, 4]
+    # one decision per sample: all of its vectors are exact codes, or none is
+    assert torch.equal(hard.all(-1), hard.any(-1))
+    hard_samples = hard.all(-1)
+    if fraction == 1.0:
+        assert hard_samples.all()
+    else:
+        assert 16 < int(hard_samples.sum()) < 48  # ~Binomial(64, 0.5)
+        reference = NSVQ(codebook_size=8, quant_dim=6, config=NSVQConfig(eps=1e-3)).train()
+        reference.codebook.data.copy_(nsvq.codebook.data)
+        torch.manual_seed(7)  # the same noise r, drawn before the hard/noisy choice
+        noisy = reference(z).quantized
+        assert torch.allclose(out.quantized[~hard_samples], noisy[~hard_samples])
+    # the gradient reaches z as through the identity; the codebook learns from the noisy samples only
+    weights = torch.randn_like(z)
+    (out.quantized * weights).sum().backward()
+    assert torch.allclose(z.grad[hard_samples], weights[hard_samples])
+    if fraction == 1.0:
+        assert nsvq.codebook.grad is None or not nsvq.codebook.grad.any()
+    else:
+        assert nsvq.codebook.grad.abs().sum() > 0
+
+
 def test_usage_buffer_counts_every_use_of_every_training_forward():
     nsvq = NSVQ(codebook_size=8, quant_dim=6, config=NSVQConfig()).train()
     expected = torch.zeros(8, dtype=torch.long)

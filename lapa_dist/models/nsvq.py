@@ -43,6 +43,12 @@ class NSVQConfig(StrictModel):
     s % every == 0 for the first pair with s < until_step; never after the last pair. The reference
     stops at 5000 (the first three pairs), after which codebooks collapse, so the default goes on
     every 1000 steps."""
+    hard_code_fraction: float = Field(default=0.0, ge=0, le=1)
+    """Share of the samples of a training batch whose vectors are replaced by their nearest codes with a
+    straight-through gradient (z + (q − z).detach()) instead of noise substitution. 0 is the reference
+    (the decoder never sees an exact code in training, but labelling and eval use exact codes); a
+    fraction > 0 trains the decoder on the inputs it gets at inference. The codebook still learns
+    from the noise-substituted samples only."""
 
     @field_validator("replace_schedule")
     @classmethod
@@ -65,7 +71,8 @@ class NSVQConfig(StrictModel):
 @dataclass
 class NSVQOutput:
     quantized: torch.Tensor
-    """[B, n, quant_dim]: noise-substituted z in training, the nearest codes in eval."""
+    """[B, n, quant_dim]: noise-substituted z in training (the nearest codes, straight through, for a
+    ``hard_code_fraction`` of the samples), the nearest codes in eval."""
     code_indices: torch.Tensor
     """[B, n] long: index of the nearest code of each vector."""
     code_counts: torch.Tensor
@@ -112,7 +119,9 @@ class NSVQ(nn.Module):
         return NSVQOutput(quantized, code_indices, code_counts, quantization_error)
 
     def substitute_noise(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """z + (‖z − q‖/‖r‖ + eps)·r, r ~ N(0, I) from torch's RNG: [B, n, quant_dim] -> (same, indices [B, n])."""
+        """z + (‖z − q‖/‖r‖ + eps)·r, r ~ N(0, I) from torch's RNG: [B, n, quant_dim] -> (same, indices [B, n]).
+
+        A ``hard_code_fraction`` of the samples get z + (q − z).detach() instead (value q, gradient to z)."""
         # Imported on first use, not with this module: Triton makes a kernel compiled or interpreted when it is
         # defined (TRITON_INTERPRET), and a process may set TRITON_INTERPRET=1 after importing the model.
         from lapa_dist.kernels.nsvq import nsvq
@@ -121,7 +130,13 @@ class NSVQ(nn.Module):
         quantized, code_indices = nsvq(
             z.flatten(0, -2), self.codebook, r.flatten(0, -2), self.config.eps, backend=self.backend
         )
-        return quantized.view(z.shape), code_indices.view(z.shape[:-1])
+        quantized, code_indices = quantized.view(z.shape), code_indices.view(z.shape[:-1])
+        if self.config.hard_code_fraction > 0:
+            hard = self.codebook[code_indices].to(z.dtype)
+            straight_through = z + (hard - z).detach()
+            hard_samples = torch.rand(z.shape[0], 1, 1, device=z.device) < self.config.hard_code_fraction  # [B, 1, 1]
+            quantized = torch.where(hard_samples, straight_through, quantized)
+        return quantized, code_indices
 
     @torch.no_grad()
     def replacement(
