@@ -208,14 +208,6 @@ def _identity(batch: dict) -> dict:
     return batch
 
 
-def _init_worker(_worker_id: int) -> None:
-    # Batches reach the main process as shared-memory tensors. Named files (file_system) cost less CPU per
-    # batch than passing a file descriptor over a socket (file_descriptor, the Linux default): measured
-    # 1.9 vs 2.5 ms per batch of 64 pairs here (docs/perf.md). The setting is per process, so it changes
-    # only these workers: the main process rebuilds whatever kind of handle it is sent.
-    torch.multiprocessing.set_sharing_strategy("file_system")
-
-
 class VideoLoader:
     """Iterable of batches for one rank, with ``state_dict()`` / ``load_state_dict()`` for checkpoints."""
 
@@ -237,7 +229,7 @@ class VideoLoader:
         workers = self.config.num_workers
         loader = DataLoader(  # collate_fn=identity: batches are already collated (and must stay numpy)
             dataset, batch_size=None, collate_fn=_identity, num_workers=workers, prefetch_factor=4 if workers else None,
-            persistent_workers=False, multiprocessing_context="fork" if workers else None, worker_init_fn=_init_worker,
+            persistent_workers=False, multiprocessing_context="fork" if workers else None,
             # its own generator: starting workers must not draw from the global torch RNG, which the
             # training step uses (a resumed run starts its loader at another point of that stream)
             generator=torch.Generator().manual_seed(self.config.seed),
