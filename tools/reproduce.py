@@ -1,6 +1,10 @@
 """The Meta-World reproduction of LAPA's claim (docs/results.md), as resumable stages.
 
     python tools/reproduce.py --out runs/reproduce [--split in_domain|cross_task] [--videos 10] [--demos 5] ...
+    python tools/reproduce.py --pool runs/reproduce,runs/reproduce_seed1,... --split in_domain --out runs/pooled
+
+``--pool`` runs nothing: it pools the results of runs with different training seeds (``--seed``, one ``--out``
+each) into one table with a column per seed.
 
 Data: actionless "videos" (scripted MT10 episodes on training layouts, seed 0; their actions are used only
 by the ACTIONVLA and VPT-IDM baselines) and a few labelled "demos" per task on other training layouts
@@ -31,7 +35,6 @@ from lapa_dist.envs.metaworld import resolve_tasks
 from lapa_dist.eval.closed_loop import wilson_interval
 from lapa_dist.pipeline import ROOT, run
 
-OFFSET_FRAMES = 3
 METHODS = ("SCRATCH", "VPT", "LAPA", "ACTIONVLA")
 PRETRAIN_CONFIG, FINETUNE_CONFIG = "configs/vla/metaworld_pretrain.json", "configs/vla/metaworld_finetune.json"
 
@@ -50,9 +53,9 @@ def pretrain_shared(args, out: Path, videos: Path, tokenizer: Path) -> dict[str,
     common = [f"tokenizer={tokenizer}", f"train.seed={args.seed}"]
     laq = out / "laq"
     pipeline.train("launch/train_laq.py", "configs/laq/metaworld.json", laq, args.laq_steps, args.ranks, 29871,
-                   [f"data.datasets.0.path={videos}", f"data.datasets.0.offset_frames={OFFSET_FRAMES}"],
+                   [f"data.datasets.0.path={videos}", f"data.datasets.0.offset_frames={args.offset_frames}"],
                    save_every=500)
-    labelled = pipeline.label(laq, videos, out / "videos_latent", OFFSET_FRAMES, 29872, args.ranks)
+    labelled = pipeline.label(laq, videos, out / "videos_latent", args.offset_frames, 29872, args.ranks)
     runs = {"LAPA": out / "pretrain_lapa", "ACTIONVLA": out / "pretrain_actionvla"}
     pipeline.train("launch/pretrain.py", PRETRAIN_CONFIG, runs["LAPA"], args.pretrain_steps, args.ranks, 29873,
                    [f"data.datasets.0.path={labelled}", *common], save_every=500)
@@ -93,14 +96,18 @@ def finetune_and_evaluate(args, out: Path, videos: Path, tokenizer: Path) -> dic
     return results
 
 
+def pooled_successes(result: dict) -> tuple[int, int]:
+    """(successes, episodes) of one evaluation, all tasks pooled."""
+    return sum(task["successes"] for task in result["tasks"]), sum(task["episodes"] for task in result["tasks"])
+
+
 def report(args, out: Path, results: dict[str, dict]) -> str:
     """Markdown table (all episodes pooled, Wilson 95% intervals), per-task rates, and a bar plot."""
     lines = [f"split `{args.split}`: {args.episodes} eval episodes per task, {args.max_steps} steps, eval seed "
              f"{args.eval_seed}", "", "| method | successes | rate | 95% CI |", "|---|---|---|---|"]
     summary = {}
     for method, result in results.items():
-        successes = sum(task["successes"] for task in result["tasks"])
-        trials = sum(task["episodes"] for task in result["tasks"])
+        successes, trials = pooled_successes(result)
         low, high = wilson_interval(successes, trials)
         summary[method] = (successes, trials, low, high)
         lines.append(f"| {method} | {successes}/{trials} | {successes / trials:.1%} | [{low:.1%}, {high:.1%}] |")
@@ -111,6 +118,35 @@ def report(args, out: Path, results: dict[str, dict]) -> str:
                  for result in results.values()]
         lines.append(f"| {task} | " + " | ".join(rates) + " |")
     plot(out / f"success_{args.split}.png", summary)
+    return "\n".join(lines) + "\n"
+
+
+def pool_report(runs: list[Path], split: str, out: Path) -> str:
+    """One row per method: each run's (training seed's) rate, then all episodes of all runs pooled with a Wilson
+    interval. The pooled interval counts episodes only; the per-seed columns show the spread between seeds."""
+    per_run = []
+    for run_dir in runs:
+        path = run_dir / f"results_{split}.json"
+        if not path.is_file():
+            raise SystemExit(f"--pool: {path} does not exist (run tools/reproduce.py --split {split} --out {run_dir})")
+        per_run.append(json.loads(path.read_text()))
+    methods = [method for method in METHODS if all(method in results for results in per_run)]
+    if not methods:
+        raise SystemExit(f"--pool: no method was evaluated in every one of {[str(r) for r in runs]}")
+    heads = " | ".join(f"`{run_dir.name}`" for run_dir in runs)
+    lines = [f"split `{split}`, {len(runs)} runs pooled", "",
+             f"| method | {heads} | pooled successes | rate | 95% CI |", "|---|" + "---|" * (len(runs) + 3)]
+    summary = {}
+    for method in methods:
+        counts = [pooled_successes(results[method]) for results in per_run]
+        successes, trials = sum(c[0] for c in counts), sum(c[1] for c in counts)
+        low, high = wilson_interval(successes, trials)
+        summary[method] = (successes, trials, low, high)
+        seeds = " | ".join(f"{s / t:.1%}" for s, t in counts)
+        lines.append(f"| {method} | {seeds} | {successes}/{trials} | {successes / trials:.1%} | "
+                     f"[{low:.1%}, {high:.1%}] |")
+    out.mkdir(parents=True, exist_ok=True)
+    plot(out / f"success_{split}_pooled.png", summary)
     return "\n".join(lines) + "\n"
 
 
@@ -148,8 +184,18 @@ def main(argv=None) -> int:
     parser.add_argument("--max-steps", type=int, default=150)
     parser.add_argument("--seed", type=int, default=0, help="training seed")
     parser.add_argument("--eval-seed", type=int, default=0)
+    parser.add_argument("--offset-frames", type=int, default=3, help="H of the LAQ and its labels, in frames")
+    parser.add_argument("--pool", help="comma-separated --out directories of finished runs: pool them, run nothing")
     args = parser.parse_args(argv)
+    if args.offset_frames < 1:
+        parser.error(f"--offset-frames must be >= 1 (got {args.offset_frames})")
     out = (ROOT / args.out).resolve()
+    if args.pool:
+        runs = [(ROOT / run_dir).resolve() for run_dir in args.pool.split(",") if run_dir]
+        table = pool_report(runs, args.split, out)
+        (out / f"report_{args.split}_pooled.md").write_text(table)
+        print(table)
+        return 0
     out.mkdir(parents=True, exist_ok=True)
     videos = pipeline.metaworld_shards(out / "videos", "MT10", args.videos, seed=0, units_per_shard=4)
     tokenizer = pipeline.tokenizer(out / "tokenizer")
