@@ -287,6 +287,7 @@ def test_reference_reducer_is_one_strided_and_one_unpadded_conv():
         ({"code_seq_len": 3}, "code_seq_len"),
         ({"image_size": 20, "patch_size": 4, "code_seq_len": 16}, "code_seq_len"),
         ({"nsvq": {"replace_threshold": 0.2}}, "nsvq"),
+        ({"nsvq": {"hard_code_fraction": 1.5}}, "nsvq.hard_code_fraction"),
         ({"codebook_size": 64}, "nsvq"),
         ({"heads": 0}, "heads"),
         ({"dropout": 0.1}, "dropout"),
