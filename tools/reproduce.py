@@ -101,16 +101,20 @@ def pooled_successes(result: dict) -> tuple[int, int]:
     return sum(task["successes"] for task in result["tasks"]), sum(task["episodes"] for task in result["tasks"])
 
 
+def interval_cells(successes: int, trials: int) -> tuple[tuple, str]:
+    """((successes, trials, low, high) for the plot, the table cells "s/t | rate | [low, high]")."""
+    low, high = wilson_interval(successes, trials)
+    return (successes, trials, low, high), f"{successes}/{trials} | {successes / trials:.1%} | [{low:.1%}, {high:.1%}]"
+
+
 def report(args, out: Path, results: dict[str, dict]) -> str:
     """Markdown table (all episodes pooled, Wilson 95% intervals), per-task rates, and a bar plot."""
     lines = [f"split `{args.split}`: {args.episodes} eval episodes per task, {args.max_steps} steps, eval seed "
              f"{args.eval_seed}", "", "| method | successes | rate | 95% CI |", "|---|---|---|---|"]
     summary = {}
     for method, result in results.items():
-        successes, trials = pooled_successes(result)
-        low, high = wilson_interval(successes, trials)
-        summary[method] = (successes, trials, low, high)
-        lines.append(f"| {method} | {successes}/{trials} | {successes / trials:.1%} | [{low:.1%}, {high:.1%}] |")
+        summary[method], cells = interval_cells(*pooled_successes(result))
+        lines.append(f"| {method} | {cells} |")
     tasks = [task["task"] for task in next(iter(results.values()))["tasks"]]
     lines += ["", "| task | " + " | ".join(results) + " |", "|---|" + "---|" * len(results)]
     for position, task in enumerate(tasks):
@@ -139,12 +143,9 @@ def pool_report(runs: list[Path], split: str, out: Path) -> str:
     summary = {}
     for method in methods:
         counts = [pooled_successes(results[method]) for results in per_run]
-        successes, trials = sum(c[0] for c in counts), sum(c[1] for c in counts)
-        low, high = wilson_interval(successes, trials)
-        summary[method] = (successes, trials, low, high)
+        summary[method], cells = interval_cells(sum(c[0] for c in counts), sum(c[1] for c in counts))
         seeds = " | ".join(f"{s / t:.1%}" for s, t in counts)
-        lines.append(f"| {method} | {seeds} | {successes}/{trials} | {successes / trials:.1%} | "
-                     f"[{low:.1%}, {high:.1%}] |")
+        lines.append(f"| {method} | {seeds} | {cells} |")
     out.mkdir(parents=True, exist_ok=True)
     plot(out / f"success_{split}_pooled.png", summary)
     return "\n".join(lines) + "\n"
