@@ -22,7 +22,7 @@ $(VENV)/.installed: setup.py
 	touch $@
 
 test: venv
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q tests --durations=15
 
 # Also the slow tests (reference TFRecord writer, long multi-rank runs).
 test-all: venv
@@ -32,7 +32,7 @@ demo: venv
 	$(PY) tools/demo.py --out $(DEMO_DIR)
 
 lint: venv
-	$(PY) -m ruff check lapa_dist kernels launch tools tests
+	$(PY) -m ruff check lapa_dist launch tools tests
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

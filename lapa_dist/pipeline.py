@@ -11,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from lapa_dist.parallel.distributed import deepspeed_launcher, remove_shm_buffers
+from lapa_dist.parallel.distributed import deepspeed_launcher
 from lapa_dist.train.run_dir import checkpoint_tag
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,11 +43,7 @@ def train(script: str, config: str, run_dir: Path, steps: int, ranks: int, port:
         print(f"[{run_dir.name}] finished, skipping", flush=True)
         return
     settings = [f"train.steps={steps}", f"train.save_every={save_every or steps}", *settings]
-    try:
-        run(*deepspeed_launcher(ranks, port), script, "--config", config, "--run-dir", str(run_dir),
-            *overrides(settings))
-    finally:
-        remove_shm_buffers(port)
+    run(*deepspeed_launcher(ranks, port), script, "--config", config, "--run-dir", str(run_dir), *overrides(settings))
 
 
 def metaworld_shards(output: Path, tasks: str, episodes: int, seed: int, resolution: int = 64,
@@ -65,11 +61,8 @@ def metaworld_shards(output: Path, tasks: str, episodes: int, seed: int, resolut
 def label(laq_run: Path, shards: Path, output: Path, offset_frames: int, port: int, ranks: int = 2) -> Path:
     """Latent actions for every frame pair (resumable per shard: done shards are skipped)."""
     if not (output / "label_stats.json").is_file():
-        try:
-            run(*deepspeed_launcher(ranks, port), "launch/label.py", "--laq", str(laq_run), "--input", str(shards),
-                "--output", str(output), "--set", f"offset_frames={offset_frames}")
-        finally:
-            remove_shm_buffers(port)
+        run(*deepspeed_launcher(ranks, port), "launch/label.py", "--laq", str(laq_run), "--input", str(shards),
+            "--output", str(output), "--set", f"offset_frames={offset_frames}")
     return output
 
 

@@ -8,7 +8,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from lapa_dist.parallel.distributed import deepspeed_launcher, remove_shm_buffers
+from lapa_dist.parallel.distributed import deepspeed_launcher
 
 ROOT = Path(__file__).resolve().parent.parent
 _next_port = [29700 + os.getpid() % 200]
@@ -33,9 +33,13 @@ def environment() -> dict:
     return env
 
 
-def start_launcher(script: str, args: list[str], ranks: int, port: int, output: int) -> subprocess.Popen:
-    """The launcher in a session of its own, so that killing its process group also ends its ranks."""
-    return subprocess.Popen(deepspeed_command(script, args, ranks, port), cwd=ROOT, env=environment(),
+def start_launcher(script: str, args: list[str], ranks: int, port: int, output: int,
+                   limit: float) -> subprocess.Popen:
+    """The launcher in a session of its own, so that killing its process group also ends its ranks. coreutils'
+    timeout bounds the whole group at ``limit`` seconds (SIGABRT, then SIGKILL 10 s later) even if this process is
+    stuck or gone: without it a hung launch outlives a killed pytest and CI waits for it until its own limit."""
+    bound = ["timeout", "--signal=ABRT", "--kill-after=10", str(int(limit))]
+    return subprocess.Popen([*bound, *deepspeed_command(script, args, ranks, port)], cwd=ROOT, env=environment(),
                             stdout=output, stderr=output, text=True, start_new_session=True)
 
 
@@ -51,17 +55,14 @@ def stop_with_stacks(process: subprocess.Popen, grace: float = 5.0) -> None:
 
 
 def run_deepspeed(script: str, args: list[str], ranks: int, timeout: float = 420) -> subprocess.CompletedProcess:
-    port = free_port()
-    process = start_launcher(script, args, ranks, port, subprocess.PIPE)
+    process = start_launcher(script, args, ranks, free_port(), subprocess.PIPE, limit=timeout + 30)
     try:
         stdout, stderr = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         stop_with_stacks(process)
-        stdout, stderr = process.communicate()
+        stdout, stderr = process.communicate(timeout=30)
         raise AssertionError(f"{script} did not finish within {timeout} s; the stacks of its processes end "
                              f"stderr:\n{stdout[-4000:]}\n{stderr[-20000:]}") from None
-    finally:
-        remove_shm_buffers(port)
     if process.returncode != 0:
         raise AssertionError(f"{script} failed ({process.returncode}):\n{stdout[-4000:]}\n{stderr[-6000:]}")
     return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
@@ -69,8 +70,7 @@ def run_deepspeed(script: str, args: list[str], ranks: int, timeout: float = 420
 
 def run_until_then_kill(script: str, args: list[str], ranks: int, ready: Path, timeout: float = 600) -> None:
     """Start the launcher, wait until ``ready`` exists, then kill -9 the whole process group."""
-    port = free_port()
-    process = start_launcher(script, args, ranks, port, subprocess.DEVNULL)
+    process = start_launcher(script, args, ranks, free_port(), subprocess.DEVNULL, limit=timeout + 30)
     deadline = time.time() + timeout
     try:
         while not ready.exists():
@@ -83,4 +83,3 @@ def run_until_then_kill(script: str, args: list[str], ranks: int, ready: Path, t
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
         process.wait()
-        remove_shm_buffers(port)

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lapa_dist.parallel.distributed import deepspeed_launcher, remove_shm_buffers
+from lapa_dist.parallel.distributed import deepspeed_launcher
 from lapa_dist.train.metrics import TIMING_KEYS
 from tests.launch_helpers import ROOT, deepspeed_command, environment, free_port
 from tests.tiny_tokenizer import save_tiny_tokenizer
@@ -128,10 +128,7 @@ def runs(assets, tmp_path_factory) -> dict:
                                                   *set_args(assets, *STEPS)], ranks=2, port=single_port),
                        environment(), logs[0])]
     processes += [start(node_command(node, port, half), environment(), logs[1 + node]) for node in range(2)]
-    try:
-        wait_all(processes, logs)
-    finally:
-        remove_shm_buffers(single_port)
+    wait_all(processes, logs)
     assert_checkpoint_of_two_ranks(single / "checkpoints" / "step-00000010")
     return {"reference": metrics(single), "run_dir": two_nodes, "logs": logs[1:]}
 

@@ -32,7 +32,14 @@ class DistributedContext:
 def init_distributed() -> DistributedContext:
     """Initialise torch.distributed through DeepSpeed (its comm layer wraps the process group)."""
     import deepspeed
+    import deepspeed.ops
 
+    # DeepSpeed's CPU shared-memory all-reduce op serves only its inference all-reduce, which nothing here calls; its
+    # set-up costs every launch a JIT build (~60 s on a new machine) behind a file lock that a rank killed while
+    # holding it leaves for good, ~66 MB of /dev/shm per rank, left behind at exit, and a busy-wait for every other
+    # local rank's buffer. Marking the op incompatible is DeepSpeed's own way to skip it; training collectives go
+    # through the process group (gloo / nccl) either way.
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("LOCAL_RANK", "0")
@@ -98,11 +105,3 @@ def deepspeed_launcher(ranks: int, master_port: int) -> list[str]:
     """The argv prefix that starts ``ranks`` processes with this environment's deepspeed launcher."""
     executable = Path(sys.executable).with_name("deepspeed")
     return [str(executable), "--num_gpus", str(ranks), "--master_port", str(master_port)]
-
-
-def remove_shm_buffers(master_port: int) -> None:
-    """Delete the /dev/shm all-reduce buffers DeepSpeed's CPU shm comm op leaves behind for a finished (or killed)
-    single-node launch on ``master_port``: they are not removed at exit (measured: ~66 MB per rank and port), and
-    /dev/shm is RAM, so many launches on distinct ports exhaust memory."""
-    for buffer in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{master_port}_*"):
-        buffer.unlink(missing_ok=True)
