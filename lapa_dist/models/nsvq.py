@@ -44,12 +44,11 @@ class NSVQConfig(StrictModel):
     stops at 5000 (the first three pairs), after which codebooks collapse, so the default goes on
     every 1000 steps."""
     hard_code_fraction: float = Field(default=0.0, ge=0, le=1)
-    """Share of the samples of a training batch whose vectors are replaced by their nearest codes with a
-    straight-through gradient (z + (q − z).detach()) instead of noise substitution. 0 is the reference
-    (the decoder never sees an exact code in training, but labelling and eval use exact codes); a
-    fraction > 0 trains the decoder on the inputs it gets at inference. The codebook still learns
-    from the noise-substituted samples only. Measured on Meta-World (docs/results.md): 0.5 from step 0
-    collapses the codebook to one code by step 250; do not use it from the start."""
+    """Share of the samples of a training batch whose vectors are replaced by their nearest codes, detached,
+    instead of noise substitution. 0 is the reference (the decoder never sees an exact code in training, but
+    labelling and the world model use exact codes); a fraction > 0 also trains the decoder on those inputs,
+    while the encoder and codebook learn from the noise-substituted samples only, as in the reference (1 trains
+    the decoder alone). A straight-through gradient to z instead collapsed the codebook (docs/results.md)."""
 
     @field_validator("replace_schedule")
     @classmethod
@@ -72,7 +71,7 @@ class NSVQConfig(StrictModel):
 @dataclass
 class NSVQOutput:
     quantized: torch.Tensor
-    """[B, n, quant_dim]: noise-substituted z in training (the nearest codes, straight through, for a
+    """[B, n, quant_dim]: noise-substituted z in training (the nearest codes, detached, for a
     ``hard_code_fraction`` of the samples), the nearest codes in eval."""
     code_indices: torch.Tensor
     """[B, n] long: index of the nearest code of each vector."""
@@ -122,7 +121,8 @@ class NSVQ(nn.Module):
     def substitute_noise(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """z + (‖z − q‖/‖r‖ + eps)·r, r ~ N(0, I) from torch's RNG: [B, n, quant_dim] -> (same, indices [B, n]).
 
-        A ``hard_code_fraction`` of the samples get z + (q − z).detach() instead (value q, gradient to z)."""
+        A ``hard_code_fraction`` of the samples get their nearest codes q instead, detached: no gradient to z or
+        the codebook."""
         # Imported on first use, not with this module: Triton makes a kernel compiled or interpreted when it is
         # defined (TRITON_INTERPRET), and a process may set TRITON_INTERPRET=1 after importing the model.
         from lapa_dist.kernels.nsvq import nsvq
@@ -133,10 +133,9 @@ class NSVQ(nn.Module):
         )
         quantized, code_indices = quantized.view(z.shape), code_indices.view(z.shape[:-1])
         if self.config.hard_code_fraction > 0:
-            hard = self.codebook[code_indices].to(z.dtype)
-            straight_through = z + (hard - z).detach()
+            hard = self.codebook.detach()[code_indices].to(z.dtype)
             hard_samples = torch.rand(z.shape[0], 1, 1, device=z.device) < self.config.hard_code_fraction  # [B, 1, 1]
-            quantized = torch.where(hard_samples, straight_through, quantized)
+            quantized = torch.where(hard_samples, hard, quantized)
         return quantized, code_indices
 
     @torch.no_grad()
