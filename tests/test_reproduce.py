@@ -43,3 +43,23 @@ def test_offset_frames_must_be_positive(capsys):
     with pytest.raises(SystemExit):
         reproduce.main(["--offset-frames", "0"])
     assert "--offset-frames must be >= 1" in capsys.readouterr().err
+
+
+def test_the_training_seed_reaches_every_training_stage(tmp_path, monkeypatch):
+    """--seed S must seed the LAQ, the VPT inverse-dynamics model, every pretraining and every finetuning: the
+    stages' commands are recorded instead of run (each is a real launcher tested elsewhere)."""
+    trained, commands = {}, []
+    monkeypatch.setattr(reproduce.pipeline, "train",
+                        lambda script, config, run_dir, *args, **kwargs: trained.setdefault(run_dir.name, args[-1]))
+    monkeypatch.setattr(reproduce.pipeline, "label", lambda *args: tmp_path / "labelled")
+    monkeypatch.setattr(reproduce.pipeline, "metaworld_shards", lambda output, *args, **kwargs: output)
+    monkeypatch.setattr(reproduce.pipeline, "export", lambda run_dir, out: out)
+    monkeypatch.setattr(reproduce.pipeline, "evaluate", lambda *args, **kwargs: {"tasks": []})
+    monkeypatch.setattr(reproduce, "run", lambda *command: commands.append(command))
+    args = reproduce.parse_args(["--seed", "3", "--out", str(tmp_path)])
+    reproduce.finetune_and_evaluate(args, tmp_path, tmp_path / "videos", tmp_path / "tokenizer")
+    assert set(trained) == {"laq", "pretrain_lapa", "pretrain_actionvla", "pretrain_vpt", "finetune_scratch",
+                            "finetune_vpt", "finetune_lapa", "finetune_actionvla"}
+    assert all("train.seed=3" in settings for settings in trained.values()), trained
+    idm_training = [command for command in commands if command[:2] == ("tools/vpt.py", "train")]
+    assert len(idm_training) == 1 and "seed=3" in idm_training[0]

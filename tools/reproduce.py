@@ -53,8 +53,8 @@ def pretrain_shared(args, out: Path, videos: Path, tokenizer: Path) -> dict[str,
     common = [f"tokenizer={tokenizer}", f"train.seed={args.seed}"]
     laq = out / "laq"
     pipeline.train("launch/train_laq.py", "configs/laq/metaworld.json", laq, args.laq_steps, args.ranks, 29871,
-                   [f"data.datasets.0.path={videos}", f"data.datasets.0.offset_frames={args.offset_frames}"],
-                   save_every=500)
+                   [f"data.datasets.0.path={videos}", f"data.datasets.0.offset_frames={args.offset_frames}",
+                    f"train.seed={args.seed}"], save_every=500)
     labelled = pipeline.label(laq, videos, out / "videos_latent", args.offset_frames, 29872, args.ranks)
     runs = {"LAPA": out / "pretrain_lapa", "ACTIONVLA": out / "pretrain_actionvla"}
     pipeline.train("launch/pretrain.py", PRETRAIN_CONFIG, runs["LAPA"], args.pretrain_steps, args.ranks, 29873,
@@ -68,7 +68,8 @@ def pretrain_vpt(args, split_dir: Path, videos: Path, demos: Path, tokenizer: Pa
     """The IDM learns from the split's labelled demos only, then pseudo-labels the videos for pretraining."""
     idm, pseudo, run_dir = split_dir / "vpt_idm", split_dir / "videos_vpt", split_dir / "pretrain_vpt"
     if not (idm / "val_metrics.json").is_file():
-        run("tools/vpt.py", "train", "--labelled", str(demos), "--out", str(idm), "--set", f"steps={args.idm_steps}")
+        run("tools/vpt.py", "train", "--labelled", str(demos), "--out", str(idm), "--set", f"steps={args.idm_steps}",
+            "--set", f"seed={args.seed}")
     if not (pseudo / "manifest.json").is_file():
         run("tools/vpt.py", "label", "--idm", str(idm), "--input", str(videos), "--output", str(pseudo))
     pipeline.train("launch/finetune.py", FINETUNE_CONFIG, run_dir, args.pretrain_steps, args.ranks, 29875,
@@ -170,7 +171,7 @@ def plot(path: Path, summary: dict[str, tuple]) -> None:
     plt.close(figure)
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/reproduce")
     parser.add_argument("--split", choices=["in_domain", "cross_task"], default="in_domain")
@@ -190,6 +191,11 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.offset_frames < 1:
         parser.error(f"--offset-frames must be >= 1 (got {args.offset_frames})")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     out = (ROOT / args.out).resolve()
     if args.pool:
         runs = [(ROOT / run_dir).resolve() for run_dir in args.pool.split(",") if run_dir]
