@@ -52,6 +52,21 @@ def test_random_policy_mostly_fails_and_is_reproducible():
     assert again.tasks[0].lengths == first.tasks[0].lengths
 
 
+def random_policy_noting_threads(directory: Path) -> UniformRandomPolicy:
+    import torch
+
+    (directory / str(os.getpid())).write_text(str(torch.get_num_threads()))
+    return UniformRandomPolicy(seed=0)
+
+
+def test_workers_share_the_cores_instead_of_taking_one_thread_each(tmp_path, monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # as for a user who never set it: torch's default
+    factory = functools.partial(random_policy_noting_threads, tmp_path)
+    evaluate(factory, ["reach-v3"], episodes_per_task=2, seed=0, max_steps=5, processes=2)
+    threads = [int(path.read_text()) for path in tmp_path.iterdir()]
+    assert threads == [max(1, os.cpu_count() // 2)] * 2
+
+
 def test_policies_implement_the_protocol_and_the_expert_refuses_images_only():
     assert isinstance(UniformRandomPolicy(), ActionPolicy) and isinstance(ScriptedExpertPolicy(), ActionPolicy)
     images = np.zeros((2, 64, 64, 3), np.uint8)
