@@ -33,14 +33,19 @@ def environment() -> dict:
     return env
 
 
+def bounded(command: list[str], limit: float) -> list[str]:
+    """``command`` under coreutils' timeout, for a process started in a session of its own: at ``limit`` seconds
+    its whole process group gets SIGABRT, then SIGKILL 10 s later, even if this process is stuck or gone; without
+    it a hung launch outlives a killed pytest and CI waits for it until its own limit."""
+    return ["timeout", "--signal=ABRT", "--kill-after=10", str(int(limit)), *command]
+
+
 def start_launcher(script: str, args: list[str], ranks: int, port: int, output: int,
                    limit: float) -> subprocess.Popen:
-    """The launcher in a session of its own, so that killing its process group also ends its ranks. coreutils'
-    timeout bounds the whole group at ``limit`` seconds (SIGABRT, then SIGKILL 10 s later) even if this process is
-    stuck or gone: without it a hung launch outlives a killed pytest and CI waits for it until its own limit."""
-    bound = ["timeout", "--signal=ABRT", "--kill-after=10", str(int(limit))]
-    return subprocess.Popen([*bound, *deepspeed_command(script, args, ranks, port)], cwd=ROOT, env=environment(),
-                            stdout=output, stderr=output, text=True, start_new_session=True)
+    """The launcher in a session of its own, so that killing its process group also ends its ranks; bounded at
+    ``limit`` seconds."""
+    return subprocess.Popen(bounded(deepspeed_command(script, args, ranks, port), limit), cwd=ROOT,
+                            env=environment(), stdout=output, stderr=output, text=True, start_new_session=True)
 
 
 def stop_with_stacks(process: subprocess.Popen, grace: float = 5.0) -> None:

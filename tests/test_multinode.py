@@ -22,7 +22,7 @@ import torch
 
 from lapa_dist.parallel.distributed import deepspeed_launcher
 from lapa_dist.train.metrics import TIMING_KEYS
-from tests.launch_helpers import ROOT, deepspeed_command, environment, free_port
+from tests.launch_helpers import ROOT, bounded, deepspeed_command, environment, free_port
 from tests.tiny_tokenizer import save_tiny_tokenizer
 from tests.vla_helpers import PRETRAIN, labelled_sprites
 
@@ -69,8 +69,8 @@ def set_args(assets: dict, *overrides: str) -> list[str]:
 
 def start(command: list[str], env: dict, log: Path) -> subprocess.Popen:
     with log.open("w") as out:
-        return subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        return subprocess.Popen(bounded(command, TIMEOUT + 30), cwd=ROOT, env=env, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def wait_all(processes: list[subprocess.Popen], logs: list[Path], timeout: float = TIMEOUT) -> None:

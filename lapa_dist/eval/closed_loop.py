@@ -267,8 +267,8 @@ def episode_specs(tasks: list[str], episodes_per_task: int, seed: int, camera: s
 def _run_all(policy_factory: PolicyFactory, specs: list[EpisodeSpec], processes: int) -> list[EpisodeResult]:
     if processes > 1 and len(specs) > 1:
         workers = min(processes, len(specs))
-        # torch's default of one thread per core in every worker oversubscribes the cores (measured: the
-        # reproduction's 200-episode evaluation ran 25+ min instead of 11 on 2 cores with 2 workers)
+        # torch's default of one thread per core in every worker oversubscribes the cores (measured on 2 cores,
+        # 2 workers: a 200-episode evaluation of the reproduction was still running after 29 min; ~7 min this way)
         threads = max(1, (os.cpu_count() or 1) // workers)
         context = multiprocessing.get_context("spawn")
         with context.Pool(workers, _init_worker, (policy_factory, threads)) as pool:
