@@ -48,10 +48,31 @@ def start_launcher(script: str, args: list[str], ranks: int, port: int, output: 
                             env=environment(), stdout=output, stderr=output, text=True, start_new_session=True)
 
 
-def stop_with_stacks(process: subprocess.Popen, grace: float = 5.0) -> None:
-    """End a hung launch: SIGABRT to its whole process group, so the launcher and each rank print their Python
-    stacks (where a hang in C code was entered from), then SIGKILL whatever is left."""
-    os.killpg(process.pid, signal.SIGABRT)
+def group_members(pgid: int) -> list[int]:
+    """The live processes of process group ``pgid``, in pid order (Linux /proc)."""
+    members = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if os.getpgid(int(entry.name)) == pgid:
+                    members.append(int(entry.name))
+            except ProcessLookupError:
+                pass
+    return sorted(members)
+
+
+def stop_with_stacks(process: subprocess.Popen, grace: float = 5.0, gap: float = 0.5) -> None:
+    """End a hung launch: SIGABRT to the launcher and each rank, one at a time, so each prints its Python stack
+    (where a hang in C code was entered from) without interleaving with the others' on the shared pipe; then
+    SIGKILL the whole group. The timeout wrapper (``process`` itself) is skipped: on SIGABRT it would pass the
+    signal to the whole group at once."""
+    for pid in group_members(process.pid):
+        if pid != process.pid:
+            try:
+                os.kill(pid, signal.SIGABRT)
+            except ProcessLookupError:
+                pass
+            time.sleep(gap)
     time.sleep(grace)
     try:
         os.killpg(process.pid, signal.SIGKILL)
